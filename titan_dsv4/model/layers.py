@@ -1,0 +1,115 @@
+"""Small building blocks of DeepSeek-V4: norms, parameter holders, interleaved partial RoPE."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import DeepSeekV4ModelArgs
+
+
+class RMSNorm(nn.Module):
+    """Weighted RMSNorm computed in fp32 and cast once to the input dtype (as transformers does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * h).to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Statistic in fp32, rsqrt cast back to x's dtype before the multiply (q head norm, mHC input)."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+class ParamHolder(nn.Module):
+    """Owns one fp32 parameter and returns it raw, so FSDP can shard it as its own fp32 unit."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(*shape))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+class RotaryTables(nn.Module):
+    """cos/sin of the "main" (plain) and "compress" (YaRN) tables, one row per absolute position."""
+
+    def __init__(self, args: DeepSeekV4ModelArgs):
+        super().__init__()
+        self.args = args
+        self._fill(device=None)
+
+    def _fill(self, device: torch.device | None) -> None:
+        args = self.args
+        for name, inv_freq in (("main", main_inv_freq(args)), ("compress", compress_inv_freq(args))):
+            positions = torch.arange(args.max_seq_len, dtype=torch.float32, device=device)
+            # fp32 elementwise product, never a (TF32) matmul.
+            angles = positions[:, None] * inv_freq.to(device)[None, :]
+            self.register_buffer(f"{name}_cos", angles.cos(), persistent=False)
+            self.register_buffer(f"{name}_sin", angles.sin(), persistent=False)
+
+    def reset(self, device: torch.device | None) -> None:
+        """Recompute the non-persistent tables (to_empty leaves them uninitialised)."""
+        self._fill(device)
+
+    def get(self, name: str, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if length > self.main_cos.shape[0]:
+            raise ValueError(
+                f"sequence length {length} exceeds the rotary tables ({self.main_cos.shape[0]} positions); "
+                "raise training.seq_len (the model's max_seq_len follows it)"
+            )
+        cos, sin = getattr(self, f"{name}_cos")[:length], getattr(self, f"{name}_sin")[:length]
+        # transformers hands cos/sin to the rotation in the activation dtype.
+        return cos.to(dtype), sin.to(dtype)
+
+
+def main_inv_freq(args: DeepSeekV4ModelArgs) -> torch.Tensor:
+    r = args.rope_head_dim
+    return 1.0 / (args.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float32) / r))
+
+
+def compress_inv_freq(args: DeepSeekV4ModelArgs) -> torch.Tensor:
+    """YaRN inverse frequencies with the attention factor forced to 1 (no mscale on cos/sin)."""
+    r, base, factor = args.rope_head_dim, args.compress_rope_theta, args.rope_factor
+
+    def corr(rotations: float) -> float:
+        return r * math.log(args.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(corr(args.beta_fast)), 0)
+    high = min(math.ceil(corr(args.beta_slow)), r - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = base ** (torch.arange(0, r, 2, dtype=torch.float32) / r)
+    ramp = ((torch.arange(r // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the trailing rope channels of x [..., S, dim] in interleaved pairs (2i, 2i+1); cos/sin [S, r/2]."""
+    r = cos.shape[-1] * 2
+    cos = cos.repeat_interleave(2, dim=-1)
+    sin = sin.repeat_interleave(2, dim=-1)
+    nope, rope = x[..., :-r], x[..., -r:]
+    pairs = rope.unflatten(-1, (-1, 2))
+    rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    rotated = (rope.float() * cos + rotated_half.float() * sin).to(x.dtype)
+    return torch.cat([nope, rotated], dim=-1)
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """SwiGLU with the gate clamped from above and the up projection clamped on both sides."""
+    return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)

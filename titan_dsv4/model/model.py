@@ -1,0 +1,96 @@
+"""DeepSeek-V4 in TorchTitan's model protocol: ``forward(tokens) -> logits [B, S, vocab]``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torchtitan.protocols.model import ModelProtocol
+
+from .args import DeepSeekV4ModelArgs
+from .attention import Attention
+from .hyper_connection import HyperConnection, HyperHead, hyper_residual
+from .layers import RMSNorm, RotaryTables
+from .moe import DeepSeekV4MoE
+
+
+class TransformerBlock(nn.Module):
+    """Attention and MoE sites, each entered and left through its own mHC over the n residual streams."""
+
+    def __init__(self, args: DeepSeekV4ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_hc = HyperConnection(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer_id)
+        self.ffn_hc = HyperConnection(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.moe = DeepSeekV4MoE(args, layer_id)
+        self.moe_enabled = True  # every V4 layer is MoE; Titan's AC / compile / EP helpers read this
+        self.weight_init_std = args.init_std / (2 * (layer_id + 1)) ** 0.5
+
+    def forward(self, streams: torch.Tensor, rope: RotaryTables, tokens: torch.Tensor) -> torch.Tensor:
+        # The mHC may run as an fp32 FSDP unit: its block input comes back in fp32 and is cast to the
+        # streams' (compute) dtype here, as transformers casts the collapsed input to the stream dtype.
+        post, comb, x = self.attn_hc(streams)
+        a = self.self_attn(self.attention_norm(x.to(streams.dtype)), rope)
+        streams = hyper_residual(streams, a, post, comb)
+        post, comb, x = self.ffn_hc(streams)
+        f = self.moe(self.ffn_norm(x.to(streams.dtype)), tokens)
+        return hyper_residual(streams, f, post, comb)
+
+    def init_weights(self, buffer_device: torch.device | None) -> None:
+        for hc in (self.attn_hc, self.ffn_hc):
+            hc.init_weights(0.02)
+        for norm in (self.attention_norm, self.ffn_norm):
+            norm.reset_parameters()
+        self.self_attn.init_weights(self.weight_init_std)
+        self.moe.init_weights(self.weight_init_std, buffer_device)
+
+
+class DeepSeekV4Model(ModelProtocol):
+    """Embedding -> n identical streams -> blocks -> HyperHead -> norm -> untied lm_head."""
+
+    def __init__(self, model_args: DeepSeekV4ModelArgs):
+        super().__init__(model_args)
+        model_args.validate()
+        self.model_args = model_args
+        self.hc_mult = model_args.hc_mult
+        self.vocab_size = model_args.vocab_size
+        self.tok_embeddings = nn.Embedding(model_args.vocab_size, model_args.dim)
+        self.rope = RotaryTables(model_args)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(model_args, i) for i in range(model_args.n_layers)})
+        self.hc_head = HyperHead(model_args)
+        self.norm = RMSNorm(model_args.dim, model_args.norm_eps)
+        self.lm_head = nn.Linear(model_args.dim, model_args.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        check_token_ids(tokens, self.vocab_size)
+        h = self.tok_embeddings(tokens)
+        streams = h.unsqueeze(2).expand(-1, -1, self.hc_mult, -1).contiguous()
+        for layer in self.layers.values():
+            streams = layer(streams, self.rope, tokens)
+        h = self.norm(self.hc_head(streams).to(streams.dtype))
+        return self.lm_head(h)
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        self.rope.reset(buffer_device or self.tok_embeddings.weight.device)
+        nn.init.normal_(self.tok_embeddings.weight)
+        for layer in self.layers.values():
+            layer.init_weights(buffer_device)
+        self.hc_head.init_weights(0.02)
+        self.norm.reset_parameters()
+        final_out_std = self.model_args.dim**-0.5
+        nn.init.trunc_normal_(self.lm_head.weight, mean=0.0, std=final_out_std, a=-3 * final_out_std, b=3 * final_out_std)
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
+    """Out-of-vocabulary ids would index past the embedding (a device assert on GPU): fail clearly."""
+    if tokens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}); got min {int(tokens.min())}, max {int(tokens.max())}. "
+            "The tokenizer does not match the model: pick a flavor whose vocab_size covers it."
+        )

@@ -1,0 +1,179 @@
+"""DeepSeek-V4 MoE built from TorchTitan's MoE parts.
+
+Reused from Titan unchanged: ``TokenReorderer`` (token sorting by expert), the ``GroupedExperts`` weight
+layout ``w1/w2/w3 [E, ...]`` (so Titan's expert-parallel styles and FSDP rules apply), ``MoE``'s buffers
+(``expert_bias``, ``tokens_per_expert``) and its score-after-experts combine. What V4 changes:
+  * router: sqrt(softplus) scores, selection bias only on selection, or a fixed token-id hash table;
+  * experts and shared expert: SwiGLU clamped by ``swiglu_limit``;
+  * the MoE forward takes the token ids (hash layers route by them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from torchtitan.models.moe.moe import FeedForward, GroupedExperts, MoE, TokenChoiceTopKRouter
+from torchtitan.models.moe.utils import indices_padding_wrapper
+
+from .args import HASH_MOE, DeepSeekV4ModelArgs
+from .layers import clamped_swiglu
+
+
+class ClampedFeedForward(FeedForward):
+    """Titan's shared-expert FFN with V4's clamped SwiGLU."""
+
+    def __init__(self, dim: int, hidden_dim: int, limit: float):
+        super().__init__(dim, hidden_dim)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit))
+
+
+def _experts_for_loop(w1, w2, w3, x, num_tokens_per_expert, limit):
+    counts = num_tokens_per_expert.tolist()
+    used = sum(counts)
+    outs = []
+    for e, xe in enumerate(torch.split(x[:used], counts, dim=0)):
+        h = clamped_swiglu(xe @ w1[e].transpose(-2, -1), xe @ w3[e].transpose(-2, -1), limit)
+        outs.append(h @ w2[e].transpose(-2, -1))
+    out = torch.cat(outs, dim=0)
+    return torch.vstack((out, out.new_zeros((x.shape[0] - used, out.shape[-1]))))
+
+
+def _experts_grouped_mm(w1, w2, w3, x, num_tokens_per_expert, limit):
+    offsets = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
+    xb = x.bfloat16()
+    gate = torch._grouped_mm(xb, w1.bfloat16().transpose(-2, -1), offs=offsets)
+    up = torch._grouped_mm(xb, w3.bfloat16().transpose(-2, -1), offs=offsets)
+    h = clamped_swiglu(gate, up, limit)
+    return torch._grouped_mm(h, w2.bfloat16().transpose(-2, -1), offs=offsets).type_as(x)
+
+
+class ClampedGroupedExperts(GroupedExperts):
+    """Titan's grouped experts (same parameters, EP/FSDP compatible) with the clamped SwiGLU."""
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, use_grouped_mm: bool, limit: float):
+        super().__init__(dim, hidden_dim, num_experts, use_grouped_mm)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
+        if not self.use_grouped_mm or x.device.type != "cuda":  # grouped mm is a CUDA (SM90+) kernel
+            return _experts_for_loop(w1, w2, w3, x, num_tokens_per_expert, self.limit)
+        fn = lambda *a: _experts_grouped_mm(*a, self.limit)  # noqa: E731
+        ep_sharded = isinstance(self.w1, DTensor) and "ep" in self.w1.device_mesh.mesh_dim_names
+        if not ep_sharded:
+            fn = indices_padding_wrapper(fn)
+        return fn(w1, w2, w3, x, num_tokens_per_expert)
+
+
+class DeepSeekV4Router(TokenChoiceTopKRouter):
+    """sqrtsoftplus router; ``hash_routed`` layers select experts by ``tid2eid[token_id]`` instead of top-k.
+
+    Scores are evaluated in fp32 (as Titan's routers and NeMo do; transformers uses the model dtype,
+    which is the same in fp32). Weights are the unbiased scores of the chosen experts, renormalised
+    and scaled by ``route_scale``.
+    """
+
+    def __init__(self, args: DeepSeekV4ModelArgs, hash_routed: bool):
+        m = args.moe_args
+        super().__init__(
+            dim=args.dim,
+            num_experts=m.num_experts,
+            num_expert_groups=None,
+            num_limited_groups=None,
+            top_k=m.top_k,
+            score_func="sigmoid",
+            route_norm=True,
+            route_scale=m.route_scale,
+            gate_bias=False,
+            _debug_force_load_balance=m._debug_force_load_balance,
+        )
+        self.score_func = "sqrtsoftplus"
+        self.hash_routed = hash_routed
+        if hash_routed:
+            self.register_buffer("tid2eid", torch.zeros(args.vocab_size, m.top_k, dtype=torch.long), persistent=True)
+
+    def forward(
+        self, x: torch.Tensor, expert_bias: torch.Tensor | None = None, token_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores = F.softplus(self.gate(x).float()).sqrt()
+        if self.hash_routed:
+            if token_ids is None:
+                raise ValueError("a hash-routed MoE layer needs the token ids (pass tokens to the model forward)")
+            selected = self.tid2eid[token_ids.reshape(-1)].long()
+        else:
+            choice = scores if expert_bias is None else scores + expert_bias
+            selected = torch.topk(choice, k=self.top_k, dim=-1, sorted=False).indices
+        if self._debug_force_load_balance:
+            selected, _ = self._debug_force_load_balance_routing(scores)
+        top = scores.gather(dim=1, index=selected)
+        top = top / (top.sum(dim=-1, keepdim=True) + 1e-20) * self.route_scale
+        counts = torch.bincount(selected.reshape(-1), minlength=self.num_experts).float()
+        return top, selected, counts
+
+    def init_weights(self, init_std: float) -> None:
+        super().init_weights(init_std)
+
+
+class DeepSeekV4MoE(MoE):
+    """Titan's MoE with V4's router and clamped experts; routed outputs weighted after W2."""
+
+    def __init__(self, args: DeepSeekV4ModelArgs, layer_id: int):
+        m = args.moe_args
+        nn.Module.__init__(self)
+        hash_routed = args.mlp_type(layer_id) == HASH_MOE
+        self.experts = ClampedGroupedExperts(
+            args.dim, args.moe_inter_dim, m.num_experts, m.use_grouped_mm, args.swiglu_limit
+        )
+        self.router = DeepSeekV4Router(args, hash_routed)
+        from torchtitan.models.moe.moe import TokenReorderer
+
+        self.reorderer = TokenReorderer(num_experts=m.num_experts, top_k=m.top_k)
+        self.shared_experts = ClampedFeedForward(args.dim, args.moe_inter_dim, args.swiglu_limit)
+        self.score_before_experts = False
+        # Hash layers have no selection bias, so nothing for the load-balancing update to steer.
+        self.load_balance_coeff = None if hash_routed else m.load_balance_coeff
+        if self.load_balance_coeff is not None:
+            self.register_buffer("expert_bias", torch.zeros(m.num_experts, dtype=torch.float32), persistent=True)
+        else:
+            self.expert_bias = None
+        self.register_buffer("tokens_per_expert", torch.zeros(m.num_experts, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        bs, slen, dim = x.shape
+        x = x.view(-1, dim)
+        top_scores, selected, counts = self.router(x, self.expert_bias, token_ids)
+        with torch.no_grad():
+            self.tokens_per_expert.add_(counts)
+        _, sorted_slots, num_tokens_per_expert = self.reorderer(top_scores, selected)
+        k = self.router.top_k
+        routed_output = self.experts(x[sorted_slots // k], num_tokens_per_expert)
+        unsorted = torch.zeros((bs * slen * k, dim), dtype=routed_output.dtype, device=routed_output.device)
+        unsorted[sorted_slots] = routed_output
+        routed = torch.bmm(top_scores.reshape(-1, 1, k), unsorted.reshape(-1, k, dim).float()).squeeze(1)
+        return (self.shared_experts(x) + routed.to(x.dtype)).reshape(bs, slen, dim)
+
+    def init_weights(self, init_std: float, buffer_device: torch.device | None) -> None:
+        self.experts.init_weights(init_std)
+        self.router.init_weights(init_std)
+        self.shared_experts.init_weights(init_std)
+        with torch.device(buffer_device or self.tokens_per_expert.device):
+            self.tokens_per_expert = torch.zeros(self.experts.num_experts, dtype=torch.float32)
+            if self.load_balance_coeff is not None:
+                self.expert_bias = torch.zeros(self.experts.num_experts, dtype=torch.float32)
+        if self.router.hash_routed:
+            self.router.tid2eid = default_hash_table(
+                self.router.tid2eid.shape[0], self.experts.num_experts, self.router.top_k
+            ).to(self.tokens_per_expert.device)
+
+
+def default_hash_table(vocab_size: int, num_experts: int, top_k: int) -> torch.Tensor:
+    """Deterministic token -> k distinct experts table for training from scratch (checkpoints bring their own)."""
+    g = torch.Generator().manual_seed(0x5EED)
+    keys = torch.rand(vocab_size, num_experts, generator=g)
+    return keys.topk(top_k, dim=-1).indices.sort(dim=-1).values

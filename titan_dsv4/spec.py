@@ -1,0 +1,43 @@
+"""The ``deepseek_v4`` TrainSpec and its registration with TorchTitan."""
+
+from __future__ import annotations
+
+from torchtitan.components.loss import build_cross_entropy_loss
+from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.components.tokenizer import build_hf_tokenizer
+from torchtitan.components.validate import build_validator
+from torchtitan.hf_datasets.text_datasets import build_text_dataloader
+import torchtitan.protocols.train_spec as train_spec_module
+from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
+
+from . import data
+from .flavors import deepseek_v4_args
+from .infra.optimizer import build_optimizers_with_v4_load_balancing
+from .infra.parallelize import parallelize_deepseek_v4
+from .model import DeepSeekV4Model
+from .model.state_dict_adapter import DeepSeekV4StateDictAdapter
+
+NAME = "deepseek_v4"
+
+
+def get_train_spec() -> TrainSpec:
+    return TrainSpec(
+        model_cls=DeepSeekV4Model,
+        model_args=deepseek_v4_args,
+        parallelize_fn=parallelize_deepseek_v4,
+        pipelining_fn=None,  # pipeline parallelism is refused in parallelize_deepseek_v4
+        build_optimizers_fn=build_optimizers_with_v4_load_balancing,
+        build_lr_schedulers_fn=build_lr_schedulers,
+        build_dataloader_fn=build_text_dataloader,
+        build_tokenizer_fn=build_hf_tokenizer,
+        build_loss_fn=build_cross_entropy_loss,
+        build_validator_fn=build_validator,
+        state_dict_adapter=DeepSeekV4StateDictAdapter,
+    )
+
+
+def register() -> None:
+    """Register ``deepseek_v4`` once; re-imports and repeated calls are no-ops."""
+    data.register_datasets()
+    if NAME not in train_spec_module._extra_train_specs:
+        register_train_spec(NAME, get_train_spec())
