@@ -1,2 +1,135 @@
-def parallelize_deepseek_v4(model, parallel_dims, job_config):
-    raise NotImplementedError
+"""``parallelize_deepseek_v4``: the train spec's parallelize_fn (FSDP2 by the fp32 unit rules, AC)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy
+
+from torchtitan.config import JobConfig, TORCH_DTYPE_MAP
+from torchtitan.distributed import ParallelDims
+from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.models.llama3.infra.parallelize import disable_fsdp_gradient_division
+from torchtitan.tools.logging import logger
+
+from .fsdp_units import shard_unit, shard_with_fp32_units
+
+# Ops whose outputs selective (op) AC keeps instead of recomputing (as Titan's deepseek_v3 does).
+_op_sac_save_list = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.max.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+}
+
+
+class UnsupportedParallelismError(NotImplementedError):
+    """A parallelism degree DeepSeek-V4 does not implement yet; raised before any module is touched."""
+
+
+def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
+    refuse_unimplemented_parallelism(parallel_dims, job_config)
+    if job_config.activation_checkpoint.mode != "none":
+        apply_ac(
+            model,
+            job_config.activation_checkpoint,
+            model_compile_enabled=False,
+            op_sac_save_list=_op_sac_save_list,
+            base_folder=job_config.job.dump_folder,
+        )
+    mesh = data_parallel_mesh(parallel_dims)
+    if mesh is not None:
+        apply_fsdp(
+            model,
+            mesh,
+            mp_policy=MixedPrecisionPolicy(
+                param_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_param],
+                reduce_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_reduce],
+            ),
+            reshard_after_forward=reshard_after_forward(job_config, parallel_dims),
+            cpu_offload=job_config.training.enable_cpu_offload,
+        )
+    return model
+
+
+def refuse_unimplemented_parallelism(parallel_dims: ParallelDims, job_config: JobConfig) -> None:
+    """Fail before any work on degrees this package does not implement, naming each one."""
+    unsupported = {
+        "tensor_parallel_degree": parallel_dims.tp,
+        "context_parallel_degree": parallel_dims.cp,
+        "pipeline_parallel_degree": parallel_dims.pp,
+        "expert_parallel_degree": parallel_dims.ep,
+    }
+    bad = {k: v for k, v in unsupported.items() if v > 1}
+    if bad:
+        listed = ", ".join(f"parallelism.{k}={v}" for k, v in bad.items())
+        raise UnsupportedParallelismError(
+            f"DeepSeek-V4 does not implement {listed} yet. Use data parallelism (FSDP / HSDP: "
+            "parallelism.data_parallel_shard_degree and data_parallel_replicate_degree) and set "
+            + ", ".join(f"--parallelism.{k} 1" for k in bad)
+        )
+    if job_config.compile.enable and "model" in job_config.compile.components:
+        raise UnsupportedParallelismError(
+            "compile.enable with the 'model' component is not supported for DeepSeek-V4 yet; "
+            "drop --compile.enable (or remove 'model' from compile.components)"
+        )
+
+
+def data_parallel_mesh(parallel_dims: ParallelDims) -> DeviceMesh | None:
+    """The mesh FSDP shards over, as Titan builds it: 1-D ('fsdp',) or 2-D ('dp_replicate', 'fsdp') for HSDP."""
+    if parallel_dims.fsdp_enabled:
+        names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+        return parallel_dims.get_mesh(names)
+    if parallel_dims.dp_replicate_enabled:
+        # Pure replication: FSDP over the replicate group (same gradients as DDP, sharded state).
+        logger.info("dp_replicate > 1 with dp_shard == 1: sharding over the replicate mesh with FSDP2")
+        return parallel_dims.get_mesh("dp_replicate")
+    return None
+
+
+def reshard_after_forward(job_config: JobConfig, parallel_dims: ParallelDims) -> bool:
+    policy = job_config.parallelism.fsdp_reshard_after_forward
+    if policy not in ("default", "always", "never"):
+        raise ValueError(f"Invalid fsdp_reshard_after_forward {policy!r}; use default, always or never")
+    return {"always": True, "never": False}.get(policy, not parallel_dims.pp_enabled)
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    mp_policy: MixedPrecisionPolicy,
+    reshard_after_forward: bool,
+    cpu_offload: bool = False,
+    ignored_params: set[nn.Parameter] | None = None,
+) -> None:
+    """Islands and blocks first, then the root (embeddings, final norm); Titan's gradient conventions."""
+    common = dict(
+        mesh=mesh,
+        mp_policy=mp_policy,
+        ignored_params=ignored_params,
+        offload_policy=CPUOffloadPolicy() if cpu_offload else None,
+    )
+    for block in model.layers.values():
+        shard_with_fp32_units(block, reshard_after_forward=reshard_after_forward, **common)
+    shard_with_fp32_units(model, reshard_after_forward=None, **common)
+    # Titan normalises the loss by the global token count: FSDP must not divide gradients again.
+    disable_fsdp_gradient_division(model)
+    if uses_gloo(mesh):
+        force_sum_reduction(model)
+
+
+def uses_gloo(mesh: DeviceMesh) -> bool:
+    groups = mesh.get_all_groups() if mesh.ndim > 1 else [mesh.get_group()]
+    return any(dist.get_backend(g) == "gloo" for g in groups)
+
+
+def force_sum_reduction(model: nn.Module) -> None:
+    """gloo has no PREMUL_SUM: reduce with SUM (the divide factor is 1.0 anyway)."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_force_sum_reduction_for_comms(True)
+
+
+__all__ = ["parallelize_deepseek_v4", "apply_fsdp", "data_parallel_mesh", "shard_unit"]
