@@ -80,6 +80,10 @@ def _profile_without_none(orig_cls):
     return profile
 
 
+def cpu_support_applied() -> bool:
+    return _APPLIED
+
+
 def apply_cpu_support() -> bool:
     """Patch the process for CPU-only TorchTitan runs; a no-op (False) when an accelerator exists."""
     global _APPLIED

@@ -25,7 +25,24 @@ def _released_schedule(n_layers: int, first_two: int) -> list[int]:
     return [first_two, first_two] + [4 if i % 2 == 0 else 128 for i in range(2, n_layers)]
 
 
-deepseek_v4_args: dict[str, DeepSeekV4ModelArgs] = {
+class UnknownFlavorError(KeyError):
+    """``--model.flavor`` names no DeepSeek-V4 flavor."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class Flavors(dict):
+    """Flavor name -> args; an unknown name lists the known ones instead of a bare KeyError."""
+
+    def __missing__(self, key: str) -> DeepSeekV4ModelArgs:
+        raise UnknownFlavorError(
+            f"unknown DeepSeek-V4 flavor {key!r}; known flavors: {', '.join(sorted(self))}. "
+            f"Set --model.flavor to one of them (e.g. --model.flavor debugmodel)."
+        )
+
+
+deepseek_v4_args: dict[str, DeepSeekV4ModelArgs] = Flavors({
     # Tiny: one sliding, one HCA and two CSA layers; two hash-routed and two learned-router MoE layers.
     "debugmodel": DeepSeekV4ModelArgs(
         vocab_size=2048,
@@ -84,4 +101,4 @@ deepseek_v4_args: dict[str, DeepSeekV4ModelArgs] = {
         moe_inter_dim=3072,
         moe_args=_moe(num_experts=384, top_k=6, route_scale=2.5),
     ),
-}
+})

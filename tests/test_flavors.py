@@ -1,0 +1,54 @@
+"""Flavors: the debug model covers every layer kind; Flash and Pro match the published sizes on meta."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from titan_dsv4.flavors import deepseek_v4_args
+from titan_dsv4.model import DeepSeekV4Model
+from titan_dsv4.model.args import CSA, HASH_MOE, HCA, MOE, SLIDING, analytic_nparams, count_params
+
+
+def test_debugmodel_has_every_attention_and_moe_kind():
+    a = deepseek_v4_args["debugmodel"]
+    assert {a.layer_type(i) for i in range(a.n_layers)} == {SLIDING, CSA, HCA}
+    assert {a.mlp_type(i) for i in range(a.n_layers)} == {HASH_MOE, MOE}
+
+
+@pytest.mark.parametrize(
+    "flavor, total_b, active_range_b, with_mtp_t",
+    [
+        # published: DeepSeek-V4-Flash 284B total / 13B active; -Pro 1.6T total (with MTP) / 49B active
+        ("flash", 284, (13.0, 14.0), None),
+        ("pro", None, (49.0, 50.0), 1.6),
+    ],
+)
+def test_released_shapes_match_published_parameter_counts(flavor, total_b, active_range_b, with_mtp_t):
+    args = deepseek_v4_args[flavor].replace()
+    with torch.device("meta"):
+        model = DeepSeekV4Model(args)
+    total, active = count_params(args, model)
+    assert total == analytic_nparams(args)
+    if total_b is not None:
+        assert round(total / 1e9) == total_b
+    if with_mtp_t is not None:
+        assert round((total + args.mtp_nparams()) / 1e12, 1) == with_mtp_t
+    assert active_range_b[0] * 1e9 <= active < active_range_b[1] * 1e9
+    nparams, flops = args.get_nparams_and_flops(model, 4096)
+    assert nparams == total and flops > 6 * active  # attention adds to 6 N_active
+
+
+def test_released_schedules():
+    flash, pro = deepseek_v4_args["flash"], deepseek_v4_args["pro"]
+    assert flash.compress_ratios[:4] == [0, 0, 4, 128] and flash.compress_ratios.count(4) == 21
+    assert flash.compress_ratios.count(128) == 20
+    assert pro.compress_ratios[:4] == [128, 128, 4, 128] and pro.compress_ratios.count(4) == 30
+    assert pro.compress_ratios.count(128) == 31
+    assert flash.n_hash_layers == pro.n_hash_layers == 3
+
+
+def test_flops_per_token_follow_the_spec_table():
+    # docs/dsv4-architecture.md section 10: train GFLOP/token at S=4096 is 85.6 (Flash), 312.3 (Pro)
+    assert round(deepseek_v4_args["flash"].train_flops_per_token(4096) / 1e9, 1) == 85.6
+    assert round(deepseek_v4_args["pro"].train_flops_per_token(4096) / 1e9, 1) == 312.3

@@ -1,0 +1,72 @@
+"""What FSDP built: one record per unit (dtypes, resharding, sizes), for tests and dry-run plans."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+from .fsdp_units import canonical_name
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    name: str
+    kind: str  # "island", "holder", "block" or "root"
+    storage_dtypes: frozenset
+    compute_dtypes: frozenset
+    reduce_dtype: torch.dtype | None
+    output_dtype: torch.dtype | None
+    reshard_after_forward: bool
+    numel: int  # global parameter elements
+    local_numel: int  # this rank's shard
+    local_bytes: int
+
+
+def _kind(name: str, module: nn.Module, is_root: bool) -> str:
+    from titan_dsv4.model.layers import ParamHolder
+    from titan_dsv4.model.model import TransformerBlock
+
+    inner = getattr(module, "_checkpoint_wrapped_module", getattr(module, "_orig_mod", module))
+    if is_root:
+        return "root"
+    if isinstance(inner, TransformerBlock):
+        return "block"
+    return "holder" if isinstance(inner, ParamHolder) else "island"
+
+
+def fsdp_units(model: nn.Module) -> list[UnitInfo]:
+    units = []
+    for name, module in model.named_modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        group = state._fsdp_param_group
+        if group is None:
+            continue
+        storage, compute, numel, local, local_bytes = set(), set(), 0, 0, 0
+        for fp in group.fsdp_params:
+            sharded = fp.sharded_param
+            storage.add(sharded.dtype)
+            compute.add(group.mp_policy.param_dtype or sharded.dtype)
+            numel += sharded.numel()
+            loc = sharded.to_local() if hasattr(sharded, "to_local") else sharded
+            local += loc.numel()
+            local_bytes += loc.numel() * loc.element_size()
+        units.append(
+            UnitInfo(
+                name=canonical_name(name) or "<root>",
+                kind=_kind(name, module, module is model),
+                storage_dtypes=frozenset(storage),
+                compute_dtypes=frozenset(compute),
+                reduce_dtype=group.mp_policy.reduce_dtype,
+                output_dtype=group.mp_policy.output_dtype,
+                reshard_after_forward=group.post_forward_mesh_info is not None,
+                numel=numel,
+                local_numel=local,
+                local_bytes=local_bytes,
+            )
+        )
+    return units
