@@ -37,9 +37,6 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple)
         raise
     finally:
         dist.destroy_process_group()
-    from titan_dsv4.train import exit_cleanly_after_gloo_run
-
-    exit_cleanly_after_gloo_run()  # see its docstring: avoids a SIGABRT in gloo's C++ teardown
 
 
 def run_on_ranks(fn, world_size: int, *args, timeout: float = 240.0) -> list:

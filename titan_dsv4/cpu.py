@@ -5,7 +5,11 @@ TorchTitan 0.2.2 assumes CUDA in a few places. Each patch below fixes exactly on
   2. device module: the memory monitor and PG timeouts call CUDA-only functions (peak RSS stands in
      for peak device memory);
   3. ``torch.histc`` has no CPU kernel for integer input, which Titan's MoE token reorderer uses;
-  4. the profiler is handed ``[CPU, None]`` activities when there is no GPU.
+  4. the profiler is handed ``[CPU, None]`` activities when there is no GPU;
+  5. teardown: every DeviceMesh keeps its ProcessGroups in ``_pg_registry``, so the gloo world group
+     outlives ``destroy_process_group`` with its worker threads running; when interpreter exit finally
+     destroys it, a joinable std::thread calls std::terminate and the rank dies with SIGABRT after a
+     successful run (about one run in five). Destroying the world group now drops those references first.
 FSDP's PREMUL_SUM (which gloo lacks) is handled in ``parallelize_deepseek_v4`` itself.
 """
 
@@ -80,8 +84,19 @@ def _profile_without_none(orig_cls):
     return profile
 
 
-def cpu_support_applied() -> bool:
-    return _APPLIED
+def _release_mesh_groups_first(orig):
+    def destroy_process_group(group=None):
+        if group is None or group is torch.distributed.GroupMember.WORLD:
+            import gc
+
+            from torch.distributed.device_mesh import DeviceMesh
+
+            for obj in gc.get_objects():
+                if isinstance(obj, DeviceMesh):
+                    obj._pg_registry.clear()
+        return orig(group)
+
+    return destroy_process_group
 
 
 def apply_cpu_support() -> bool:
@@ -97,6 +112,7 @@ def apply_cpu_support() -> bool:
     torch._utils._get_device_module = lambda t="cuda": cpu_module if t == "cpu" else orig_get_module(t)
     torch.histc = _histc_integer_on_cpu(torch.histc)
     torch.profiler.profile = _profile_without_none(torch.profiler.profile)
+    torch.distributed.destroy_process_group = _release_mesh_groups_first(torch.distributed.destroy_process_group)
     # If torchtitan was imported first (e.g. `python -m torchtitan.train --experimental.custom_import
     # titan_dsv4`), fix the device globals its modules copied at import time.
     for name, mod in list(sys.modules.items()):
