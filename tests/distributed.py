@@ -18,7 +18,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple) -> None:
+def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple, backend: str | None) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
@@ -27,7 +27,8 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple)
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if backend is not None:
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -36,14 +37,18 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple)
             f.write(traceback.format_exc())
         raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def run_on_ranks(fn, world_size: int, *args, timeout: float = 240.0) -> list:
-    """fn(rank, world_size, *args) on each rank (a picklable top-level function); returns each rank's result."""
+def run_on_ranks(fn, world_size: int, *args, timeout: float = 240.0, backend: str | None = "gloo") -> list:
+    """fn(rank, world_size, *args) on each rank (a picklable top-level function); returns each rank's result.
+
+    ``backend=None`` leaves process-group setup to ``fn`` (e.g. Titan's fake backend in one process).
+    """
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
-            _entry, args=(fn, world_size, _free_port(), out_dir, args), nprocs=world_size,
+            _entry, args=(fn, world_size, _free_port(), out_dir, args, backend), nprocs=world_size,
             join=False, start_method="spawn",
         )
         deadline = time.monotonic() + timeout

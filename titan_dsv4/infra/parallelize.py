@@ -50,7 +50,38 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
             reshard_after_forward=reshard_after_forward(job_config, parallel_dims),
             cpu_offload=job_config.training.enable_cpu_offload,
         )
+    bind_hca_param_sync_group(model, hca_param_sync_group(mesh))
     return model
+
+
+def hca_param_sync_group(mesh: DeviceMesh | None) -> dist.ProcessGroup | None:
+    """The group whose ranks shard the same HCA compressor parameters: the 1-D data-parallel mesh's.
+
+    Multi-dimensional (HSDP) meshes disable alignment: one MAX over the flattened ranks would make a
+    replica group pool synthetic windows because of another replica's data, and reducing over only
+    one of the dims would miss the ranks that really share shards. None also for no mesh, size 1, or
+    a mesh object that cannot answer its shape.
+    """
+    if mesh is None:
+        return None
+    try:
+        ndim, size = mesh.ndim, mesh.size()
+    except Exception:  # a stand-in mesh without a shape: no alignment rather than a guess
+        return None
+    if ndim > 1:
+        logger.info(
+            f"HCA graph alignment disabled: the data-parallel mesh {mesh.mesh_dim_names} is {ndim}-D, and no "
+            "single group of it is the set of ranks sharing HCA parameters; keep every rank's sequence "
+            "at least hca_ratio tokens long (or all shorter) on this layout"
+        )
+        return None
+    return mesh.get_group() if size > 1 else None
+
+
+def bind_hca_param_sync_group(model: nn.Module, group: dist.ProcessGroup | None) -> None:
+    """Bind ``group`` to the HCA compressors only (ratio 128); CSA and sliding layers never take it."""
+    for compressor in model.hca_compressors():
+        compressor.set_hca_param_sync_group(group)
 
 
 def refuse_unimplemented_parallelism(parallel_dims: ParallelDims, job_config: JobConfig) -> None:

@@ -97,17 +97,33 @@ class Compressor(nn.Module):
         self.ape_param = ParamHolder(self.ratio, width)
         self.norm = RMSNorm(args.head_dim, args.norm_eps)
         self.indexer = Indexer(args) if kind == CSA else None
-        # HCA only: the group whose ranks agree each step whether this path joins backward
-        # (bound by parallelize_deepseek_v4; None = no alignment).
+        # HCA only: the ranks that synchronise this compressor's sharded parameters (see
+        # set_hca_param_sync_group); None means no graph alignment.
         self.hca_param_sync_group = None
 
+    def set_hca_param_sync_group(self, group) -> None:
+        """Bind the group whose ranks must agree each step on whether this HCA path joins backward."""
+        if self.kind != HCA:
+            raise ValueError(f"only HCA compressors take a parameter-sync group, this one is {self.kind}")
+        self.hca_param_sync_group = group
+
     def forward(
-        self, x: torch.Tensor, q_latent: torch.Tensor, rope: RotaryTables
+        self, x: torch.Tensor, q_latent: torch.Tensor, rope: RotaryTables, synthetic_window: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(entries [B, T, d], visibility [B, S, T] bool), or None when no window is complete."""
+        """(entries [B, T, d], visibility [B, S, T] bool), or None when no window is complete.
+
+        ``synthetic_window`` (HCA alignment, S < ratio): pool one zero-padded window whose entry no
+        query sees, so outputs are unchanged and the parameters join backward with zero gradient.
+        """
         B, S, _ = x.shape
         if S < self.ratio:
-            return None
+            if not synthetic_window:
+                return None
+            padded = F.pad(x, (0, 0, 0, self.ratio - S))
+            entry = self.norm(gated_pool(self.wkv(padded), self.wgate(padded), self.ape_param(), self.ratio, False))
+            cos, sin = rope.get("compress", 1, entry.dtype)
+            entry = apply_rope(entry, cos, sin)
+            return entry, torch.zeros(B, S, 1, dtype=torch.bool, device=x.device)
         entries = gated_pool(self.wkv(x), self.wgate(x), self.ape_param(), self.ratio, self.overlap)
         entries = self.norm(entries)
         T = entries.shape[1]
@@ -145,7 +161,7 @@ class Attention(nn.Module):
         self.sinks_param = ParamHolder(args.n_heads)
         self.compressor = Compressor(args, self.kind) if self.kind in (CSA, HCA) else None
 
-    def forward(self, x: torch.Tensor, rope: RotaryTables) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryTables, hca_synthetic_window: bool = False) -> torch.Tensor:
         B, S, _ = x.shape
         cos, sin = rope.get(self.rope_table, S, x.dtype)
         q_latent = self.q_norm(self.wq_a(x))
@@ -155,7 +171,7 @@ class Attention(nn.Module):
 
         visible = window_mask(S, self.window, x.device).expand(B, S, S)
         if self.compressor is not None:
-            compressed = self.compressor(x, q_latent, rope)
+            compressed = self.compressor(x, q_latent, rope, hca_synthetic_window and self.kind == HCA)
             if compressed is not None:
                 entries, entry_visible = compressed
                 kv = torch.cat([kv, entries.to(kv.dtype)], dim=1)

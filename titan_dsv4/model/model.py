@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from torchtitan.protocols.model import ModelProtocol
 
-from .args import DeepSeekV4ModelArgs
-from .attention import Attention
+from .args import HCA, DeepSeekV4ModelArgs
+from .attention import Attention, Compressor
 from .hyper_connection import HyperConnection, HyperHead, hyper_residual
 from .layers import RMSNorm, RotaryTables
 from .moe import DeepSeekV4MoE
@@ -29,11 +30,13 @@ class TransformerBlock(nn.Module):
         self.moe_enabled = True  # every V4 layer is MoE; Titan's AC / compile / EP helpers read this
         self.weight_init_std = args.init_std / (2 * (layer_id + 1)) ** 0.5
 
-    def forward(self, streams: torch.Tensor, rope: RotaryTables, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, streams: torch.Tensor, rope: RotaryTables, tokens: torch.Tensor, hca_synthetic_window: bool = False
+    ) -> torch.Tensor:
         # The mHC may run as an fp32 FSDP unit: its block input comes back in fp32 and is cast to the
         # streams' (compute) dtype here, as transformers casts the collapsed input to the stream dtype.
         post, comb, x = self.attn_hc(streams)
-        a = self.self_attn(self.attention_norm(x.to(streams.dtype)), rope)
+        a = self.self_attn(self.attention_norm(x.to(streams.dtype)), rope, hca_synthetic_window)
         streams = hyper_residual(streams, a, post, comb)
         post, comb, x = self.ffn_hc(streams)
         f = self.moe(self.ffn_norm(x.to(streams.dtype)), tokens)
@@ -66,12 +69,35 @@ class DeepSeekV4Model(ModelProtocol):
 
     def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
         check_token_ids(tokens, self.vocab_size)
+        synthetic = self.hca_needs_synthetic_window(tokens)
         h = self.tok_embeddings(tokens)
         streams = h.unsqueeze(2).expand(-1, -1, self.hc_mult, -1).contiguous()
         for layer in self.layers.values():
-            streams = layer(streams, self.rope, tokens)
+            streams = layer(streams, self.rope, tokens, synthetic)
         h = self.norm(self.hc_head(streams).to(streams.dtype))
         return self.lm_head(h)
+
+    def hca_compressors(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(m, Compressor) and m.kind == HCA]
+
+    def hca_needs_synthetic_window(self, tokens: torch.Tensor) -> bool:
+        """HCA graph alignment, agreed once per forward for the whole model.
+
+        Ranks that synchronise the HCA compressors' sharded parameters must agree whether that path
+        joins backward. In training with a bound group this costs exactly one all-reduce (MAX of one
+        integer) per forward, whatever the number of HCA layers (all see the same local length):
+        a rank with 0 < S < ratio whose peers have a complete window pools a masked synthetic one.
+        """
+        compressors = self.hca_compressors() if self.training else []
+        group = compressors[0].hca_param_sync_group if compressors else None
+        if group is None:
+            return False
+        seq_len, ratio = tokens.shape[-1], compressors[0].ratio
+        if seq_len == 0:
+            raise ValueError("a zero-length local sequence cannot train; every rank needs at least one token")
+        flag = torch.tensor([int(seq_len >= ratio)], dtype=torch.int32, device=tokens.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item()) and seq_len < ratio
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:

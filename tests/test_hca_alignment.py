@@ -1,0 +1,214 @@
+"""HCA parameter-sync group and graph alignment for ranks with unequal sequence lengths."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from distributed import run_on_ranks
+
+
+def _dims(world_size: int, **degrees):
+    from torchtitan.distributed import ParallelDims
+
+    d = dict(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=world_size)
+    d.update(degrees)
+    dims = ParallelDims(**d)
+    dims.build_mesh()
+    return dims
+
+
+def _job(mixed: str = "float32"):
+    from torchtitan.config import JobConfig
+
+    job = JobConfig()
+    job.training.mixed_precision_param = mixed
+    job.activation_checkpoint.mode = "none"
+    return job
+
+
+def _meta_model(**changes):
+    from titan_dsv4.flavors import deepseek_v4_args
+    from titan_dsv4.model import DeepSeekV4Model
+
+    with torch.device("meta"):
+        return DeepSeekV4Model(deepseek_v4_args["debugmodel"].replace(max_seq_len=512, **changes))
+
+
+def _group_answers(rank, world_size, degrees):
+    import logging
+
+    from titan_dsv4.infra.parallelize import parallelize_deepseek_v4
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    model = _meta_model()
+    try:
+        parallelize_deepseek_v4(model, _dims(world_size, **degrees), _job())
+    except NotImplementedError as e:
+        return {"refused": str(e)}
+    answers = {}
+    for name, m in model.named_modules():
+        if type(m).__name__ == "Compressor":
+            g = m.hca_param_sync_group
+            answers[name] = None if g is None else torch.distributed.get_world_size(g)
+    return {"groups": answers, "log": [r for r in records if "HCA graph alignment disabled" in r]}
+
+
+def test_pure_fsdp_binds_the_fsdp_group_to_hca_only():
+    out = run_on_ranks(_group_answers, 2, {"dp_shard": 2})[0]
+    assert out["groups"] == {
+        "layers.1.self_attn.compressor": None,  # CSA
+        "layers.2.self_attn.compressor": 2,  # HCA
+        "layers.3.self_attn.compressor": None,  # CSA
+    }
+
+
+def test_hsdp_disables_alignment_with_one_log_line():
+    out = run_on_ranks(_group_answers, 4, {"dp_replicate": 2, "dp_shard": 2})[0]
+    assert out["groups"]["layers.2.self_attn.compressor"] is None
+    assert len(out["log"]) == 1 and "('dp_replicate', 'fsdp') is 2-D" in out["log"][0]
+
+
+def test_tensor_parallel_is_refused_before_any_change():
+    out = run_on_ranks(_group_answers, 4, {"dp_shard": 2, "tp": 2})[0]
+    assert "tensor_parallel_degree=2" in out["refused"]
+
+
+def test_group_rule_for_meshes_that_cannot_answer():
+    from titan_dsv4.infra.parallelize import hca_param_sync_group
+
+    class NoShape:
+        @property
+        def ndim(self):
+            raise RuntimeError("no shape")
+
+    assert hca_param_sync_group(None) is None
+    assert hca_param_sync_group(NoShape()) is None
+
+
+# ---- alignment: every gradient equals the single-process gradient -------------------------------
+
+
+def _sample(rank: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(0, 2048, (1, length + 1), generator=torch.Generator().manual_seed(1000 + rank))
+    return x[:, :-1], x[:, 1:]
+
+
+def _aligned_step(rank, world_size, lengths):
+    from torch.distributed.tensor import distribute_tensor
+
+    from titan_dsv4.infra.fsdp_units import canonical_name
+    from titan_dsv4.infra.parallelize import parallelize_deepseek_v4
+    from titan_dsv4.model import DeepSeekV4Model
+
+    torch.manual_seed(0)
+    ref = DeepSeekV4Model(_meta_model().model_args.replace())
+    ref.init_weights()
+    model = _meta_model()
+    parallelize_deepseek_v4(model, _dims(world_size, dp_shard=world_size), _job())
+    model.to_empty(device="cpu")
+    model.init_weights()
+    ref_params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.to_local().copy_(distribute_tensor(ref_params[name].detach(), p.device_mesh, p.placements).to_local())
+    total_tokens = sum(lengths)
+    x, y = _sample(rank, lengths[rank])
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum") / total_tokens
+    loss.backward()
+    grads = {canonical_name(n): (None if p.grad is None else p.grad.full_tensor()) for n, p in model.named_parameters()}
+    out = {"grads": grads}
+    if rank == 0:
+        ref_loss = sum(
+            F.cross_entropy(ref(xr).flatten(0, 1), yr.flatten(), reduction="sum")
+            for xr, yr in (_sample(r, n) for r, n in enumerate(lengths))
+        ) / total_tokens
+        ref_loss.backward()
+        out["ref_grads"] = {n: p.grad for n, p in ref.named_parameters()}
+    return out
+
+
+def _assert_grads_match(out):
+    hca = [n for n in out["grads"] if n.startswith("layers.2.self_attn.compressor.")]
+    assert hca
+    for name, g in out["grads"].items():
+        ref = out["ref_grads"][name]
+        if ref is None:
+            assert g is None or not g.any(), name
+            continue
+        assert g is not None, name
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_short_and_long_rank_gradients_equal_single_process():
+    out = run_on_ranks(_aligned_step, 2, (64, 256))[0]
+    _assert_grads_match(out)
+    assert out["grads"]["layers.2.self_attn.compressor.wkv.weight"].abs().sum() > 0
+
+
+def test_both_ranks_with_windows_match_single_process():
+    _assert_grads_match(run_on_ranks(_aligned_step, 2, (200, 300))[0])
+
+
+def _all_short(rank, world_size):
+    out = _aligned_step(rank, world_size, (64, 100))
+    return {n: g is None for n, g in out["grads"].items() if n.startswith("layers.2.self_attn.compressor.")}
+
+
+def test_all_ranks_short_skip_the_hca_path_everywhere():
+    for per_rank in run_on_ranks(_all_short, 2):
+        assert per_rank and all(per_rank.values())
+
+
+# ---- cost: one all-reduce per forward ------------------------------------------------------------
+
+
+def _count_all_reduces(rank, world_size, n_hca_layers):
+    import torch.distributed as dist
+
+    from titan_dsv4.model import DeepSeekV4Model
+
+    ratios = [0, 4] + [128] * n_hca_layers
+    model = DeepSeekV4Model(_meta_model().model_args.replace(n_layers=len(ratios), compress_ratios=ratios))
+    model.init_weights()
+    for c in model.hca_compressors():
+        c.set_hca_param_sync_group(dist.group.WORLD)
+    calls = []
+    original = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    try:
+        model.train()
+        model(torch.randint(0, 2048, (1, 64 if rank == 0 else 256)))
+        model.eval()
+        model(torch.randint(0, 2048, (1, 64)))
+    finally:
+        dist.all_reduce = original
+    return len(calls)
+
+
+def test_agreement_costs_one_all_reduce_per_forward_whatever_the_hca_layer_count():
+    assert run_on_ranks(_count_all_reduces, 2, 1) == [1, 1]
+    assert run_on_ranks(_count_all_reduces, 2, 3) == [1, 1]
+
+
+def test_synthetic_window_leaves_outputs_unchanged_and_zero_length_is_an_error():
+    import pytest
+
+    from titan_dsv4.model import DeepSeekV4Model
+
+    model = DeepSeekV4Model(_meta_model().model_args.replace())
+    model.init_weights()
+    x = torch.randint(0, 2048, (1, 64))
+    attn = model.layers["2"].self_attn
+    h = torch.randn(1, 64, 256)
+    # the synthetic entry gets probability exactly 0; only the matmul's summation order can change
+    torch.testing.assert_close(attn(h, model.rope, True), attn(h, model.rope, False), rtol=0, atol=1e-6)
+    entry, visible = attn.compressor(h, attn.q_norm(attn.wq_a(h)), model.rope, synthetic_window=True)
+    assert entry.shape == (1, 1, 128) and not visible.any()
+    model.hca_compressors()[0].set_hca_param_sync_group(object())  # any bound group: checked before comms
+    with pytest.raises(ValueError, match="zero-length local sequence"):
+        model(x[:, :0])
