@@ -133,8 +133,12 @@ def shard_with_fp32_units(
     """Shard ``module``'s fp32 islands as fp32 units, then ``module`` itself with ``mp_policy``."""
     common = dict(mesh=mesh, ignored_params=ignored_params, offload_policy=offload_policy)
     if is_deepseek_v4(module) and not computes_in_fp32(module, mp_policy):
+        done: set[str] = set()  # a compiled island appears twice: the wrapper and its _orig_mod
         for name, sub in list(module.named_modules()):
-            if name and not isinstance(sub, FSDPModule) and is_fp32_island(name, sub):
+            if name and canonical_name(name) not in done and is_fp32_island(name, sub):
+                done.add(canonical_name(name))
+                if isinstance(sub, FSDPModule):
+                    continue
                 keep = returns_raw_parameter(sub)
                 shard_unit(
                     sub,

@@ -30,14 +30,17 @@ class UnsupportedParallelismError(NotImplementedError):
 
 def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
     refuse_unimplemented_parallelism(parallel_dims, job_config)
+    compile_enabled = job_config.compile.enable and "model" in job_config.compile.components
     if job_config.activation_checkpoint.mode != "none":
         apply_ac(
             model,
             job_config.activation_checkpoint,
-            model_compile_enabled=False,
+            model_compile_enabled=compile_enabled,
             op_sac_save_list=_op_sac_save_list,
             base_folder=job_config.job.dump_folder,
         )
+    if compile_enabled:
+        apply_compile(model, job_config.compile.backend)
     mesh = data_parallel_mesh(parallel_dims)
     if mesh is not None:
         apply_fsdp(
@@ -100,11 +103,31 @@ def refuse_unimplemented_parallelism(parallel_dims: ParallelDims, job_config: Jo
             "parallelism.data_parallel_shard_degree and data_parallel_replicate_degree) and set "
             + ", ".join(f"--parallelism.{k} 1" for k in bad)
         )
-    if job_config.compile.enable and "model" in job_config.compile.components:
-        raise UnsupportedParallelismError(
-            "compile.enable with the 'model' component is not supported for DeepSeek-V4 yet; "
-            "drop --compile.enable (or remove 'model' from compile.components)"
-        )
+
+
+def apply_compile(model: nn.Module, backend: str) -> None:
+    """Compile each block's pieces that hold no nested FSDP unit, so no FSDP hook lands in a graph.
+
+    Titan compiles MoE blocks child by child for the same reason (its experts are a nested unit);
+    V4 also nests the fp32 islands inside attention, so attention's math is compiled as a function.
+    Modules that are islands themselves (attn_hc, ffn_hc, hc_head) are compiled whole; FSDP then
+    wraps the compiled module, which keeps its hooks outside the graph.
+    """
+    torch._dynamo.config.capture_scalar_outputs = True
+
+    def compiled(fn):
+        return torch.compile(fn, backend=backend, fullgraph=True)
+
+    for block in model.layers.values():
+        block = getattr(block, "_checkpoint_wrapped_module", block)
+        for name in ("attn_hc", "ffn_hc", "attention_norm", "ffn_norm"):
+            setattr(block, name, compiled(getattr(block, name)))
+        block.residual = compiled(block.residual)
+        block.self_attn.attention_kernel = compiled(block.self_attn.attention_kernel)
+        for name in ("router", "shared_experts"):  # experts: dynamic per-expert splits, as in Titan
+            setattr(block.moe, name, compiled(getattr(block.moe, name)))
+    model.hc_head = compiled(model.hc_head)
+    logger.info("Compiled DeepSeek-V4 blocks (mHC, norms, attention math, router, shared expert)")
 
 
 def data_parallel_mesh(parallel_dims: ParallelDims) -> DeviceMesh | None:

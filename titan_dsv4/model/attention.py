@@ -160,6 +160,8 @@ class Attention(nn.Module):
         self.wo_b = nn.Linear(args.o_groups * args.o_lora_rank, args.dim, bias=False)
         self.sinks_param = ParamHolder(args.n_heads)
         self.compressor = Compressor(args, self.kind) if self.kind in (CSA, HCA) else None
+        # The attention math, a plain function (no parameters, no FSDP units): what compile wraps.
+        self.attention_kernel = dense_attention_with_sinks
 
     def forward(self, x: torch.Tensor, rope: RotaryTables, hca_synthetic_window: bool = False) -> torch.Tensor:
         B, S, _ = x.shape
@@ -176,7 +178,7 @@ class Attention(nn.Module):
                 entries, entry_visible = compressed
                 kv = torch.cat([kv, entries.to(kv.dtype)], dim=1)
                 visible = torch.cat([visible, entry_visible], dim=-1)
-        out = dense_attention_with_sinks(q, kv, visible, self.sinks_param())
+        out = self.attention_kernel(q, kv, visible, self.sinks_param())
         out = apply_rope(out, cos, -sin)  # undo the values' rotation at the query position
         out = out.transpose(1, 2).reshape(B, S, self.o_groups, -1)
         w = self.wo_a.weight.view(self.o_groups, -1, out.shape[-1])

@@ -27,6 +27,7 @@ class TransformerBlock(nn.Module):
         self.ffn_hc = HyperConnection(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.moe = DeepSeekV4MoE(args, layer_id)
+        self.residual = hyper_residual  # plain function; compile wraps it per block
         self.moe_enabled = True  # every V4 layer is MoE; Titan's AC / compile / EP helpers read this
         self.weight_init_std = args.init_std / (2 * (layer_id + 1)) ** 0.5
 
@@ -37,10 +38,10 @@ class TransformerBlock(nn.Module):
         # streams' (compute) dtype here, as transformers casts the collapsed input to the stream dtype.
         post, comb, x = self.attn_hc(streams)
         a = self.self_attn(self.attention_norm(x.to(streams.dtype)), rope, hca_synthetic_window)
-        streams = hyper_residual(streams, a, post, comb)
+        streams = self.residual(streams, a, post, comb)
         post, comb, x = self.ffn_hc(streams)
         f = self.moe(self.ffn_norm(x.to(streams.dtype)), tokens)
-        return hyper_residual(streams, f, post, comb)
+        return self.residual(streams, f, post, comb)
 
     def init_weights(self, buffer_device: torch.device | None) -> None:
         for hc in (self.attn_hc, self.ffn_hc):
