@@ -6,8 +6,9 @@
 #   ./run_train.sh --model deepseek_v4 --training.steps 30     # any --section.key value passes through
 #
 # Environment (as in TorchTitan's run_train.sh): NGPU (ranks; default: GPU count, or 2 CPU ranks over
-# gloo when there is no GPU), LOG_RANK (default 0), CONFIG_FILE, COMM_MODE (fake_backend | local_tensor:
-# one process dry run with NGPU simulated ranks), TRAIN_FILE (default titan_dsv4.train).
+# gloo when there is no GPU), LOG_RANK (default 0), CONFIG_FILE, COMM_MODE (fake_backend: one-process
+# dry run that prints the FSDP unit plan for NGPU ranks; local_tensor: Titan's own simulated mode),
+# TRAIN_FILE (default titan_dsv4.train).
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")" && pwd)"
@@ -43,6 +44,11 @@ fi
 LOG_RANK="${LOG_RANK:-0}"
 TRAIN_FILE="${TRAIN_FILE:-titan_dsv4.train}"
 
+if [ "${COMM_MODE:-}" = "fake_backend" ]; then
+  # Dry run: meshes, meta model and parallelize_deepseek_v4 for NGPU fake ranks; prints the FSDP unit plan.
+  NGPU="$NGPU" LOCAL_RANK=0 exec "$PYTHON" -m titan_dsv4.dry_run --job.config_file "$CONFIG_FILE" \
+    ${passthrough[@]+"${passthrough[@]}"}
+fi
 if [ -n "${COMM_MODE:-}" ]; then
   NGPU="$NGPU" LOCAL_RANK=0 exec "$PYTHON" -m "$TRAIN_FILE" --job.config_file "$CONFIG_FILE" \
     --comm.mode="$COMM_MODE" --training.steps=1 ${passthrough[@]+"${passthrough[@]}"}

@@ -1,0 +1,120 @@
+"""Dry run at scale: ``COMM_MODE=fake_backend NGPU=64 ./run_train.sh --model deepseek_v4 --config ...``.
+
+One process, TorchTitan's fake backend standing in for NGPU ranks: builds Titan's meshes, the model on
+the meta device and runs ``parallelize_deepseek_v4``, then prints the FSDP unit plan (units by kind and
+compute dtype, parameters and bytes per rank, resharding, HCA alignment). Nothing is allocated, so
+Flash and Pro plans run on a laptop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+import titan_dsv4  # noqa: F401  (CPU support + train spec, before torchtitan)
+
+import torch  # noqa: E402
+from torchtitan.config import ConfigManager, JobConfig  # noqa: E402
+from torchtitan.distributed import ParallelDims  # noqa: E402
+from torchtitan.distributed.utils import init_fake_mode  # noqa: E402
+from torchtitan.protocols.train_spec import get_train_spec  # noqa: E402
+
+from titan_dsv4.infra.unit_plan import fsdp_units  # noqa: E402
+
+
+def build_plan(job: JobConfig, world_size: int) -> dict:
+    p = job.parallelism
+    dims = ParallelDims(
+        dp_replicate=p.data_parallel_replicate_degree, dp_shard=p.data_parallel_shard_degree,
+        cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, pp=p.pipeline_parallel_degree,
+        ep=p.expert_parallel_degree, etp=p.expert_tensor_parallel_degree, world_size=world_size,
+    )
+    dims.build_mesh()
+    spec = get_train_spec(job.model.name)
+    args = spec.model_args[job.model.flavor].replace()
+    args.update_from_config(job)
+    with torch.device("meta"):
+        model = spec.model_cls(args)
+    spec.parallelize_fn(model, dims, job)
+    return summarize(model, dims, job, world_size)
+
+
+def summarize(model, dims: ParallelDims, job: JobConfig, world_size: int) -> dict:
+    units = fsdp_units(model)
+    by_kind: dict[str, dict] = defaultdict(lambda: defaultdict(int))
+    per_rank: dict[str, dict] = defaultdict(lambda: {"params": 0, "bytes": 0})
+    for u in units:
+        compute = "/".join(sorted(str(d).replace("torch.", "") for d in u.compute_dtypes))
+        k = by_kind[u.kind]
+        k["units"] += 1
+        k[f"units_computing_{compute}"] += 1
+        k["reshard_after_forward"] += int(u.reshard_after_forward)
+        k["max_unsharded_bytes"] = max(k["max_unsharded_bytes"], u.numel * (2 if compute == "bfloat16" else 4))
+        storage = "/".join(sorted(str(d).replace("torch.", "") for d in u.storage_dtypes))
+        per_rank[storage]["params"] += u.local_numel
+        per_rank[storage]["bytes"] += u.local_bytes
+    hca = model.hca_compressors()
+    groups = {id(c.hca_param_sync_group): c.hca_param_sync_group for c in hca}
+    group = next(iter(groups.values())) if len(groups) == 1 else None
+    mesh = _fsdp_mesh_description(dims)
+    return {
+        "world_size": world_size,
+        "flavor": job.model.flavor,
+        "fsdp_mesh": mesh,
+        "mixed_precision_param": job.training.mixed_precision_param,
+        "units_total": len(units),
+        "units_by_kind": {k: dict(v) for k, v in by_kind.items()},
+        "per_rank_by_storage_dtype": {k: dict(v) for k, v in per_rank.items()},
+        "hca_alignment": {
+            "hca_layers": len(hca),
+            "enabled": group is not None,
+            "group_size": None if group is None else torch.distributed.get_world_size(group),
+        },
+    }
+
+
+def _fsdp_mesh_description(dims: ParallelDims) -> str:
+    from titan_dsv4.infra.parallelize import data_parallel_mesh
+
+    mesh = data_parallel_mesh(dims)
+    return "none" if mesh is None else f"{mesh.mesh_dim_names} {tuple(mesh.shape)}"
+
+
+def format_plan(plan: dict) -> str:
+    gib = 1024**3
+    lines = [
+        f"DeepSeek-V4 '{plan['flavor']}' FSDP unit plan on {plan['world_size']} ranks "
+        f"(mesh {plan['fsdp_mesh']}, blocks compute in {plan['mixed_precision_param']})",
+        f"  units: {plan['units_total']}",
+    ]
+    for kind, v in sorted(plan["units_by_kind"].items()):
+        dtypes = ", ".join(f"{k.removeprefix('units_computing_')} x{n}" for k, n in v.items() if k.startswith("units_computing_"))
+        lines.append(
+            f"    {kind:7s} {v['units']:5d} units ({dtypes}); reshard after forward: "
+            f"{v['reshard_after_forward']}/{v['units']}; largest unsharded {v['max_unsharded_bytes'] / gib:.3f} GiB"
+        )
+    for dtype, v in plan["per_rank_by_storage_dtype"].items():
+        lines.append(f"  per rank, {dtype} storage: {v['params']:,} params, {v['bytes'] / gib:.2f} GiB")
+    h = plan["hca_alignment"]
+    state = f"enabled, group size {h['group_size']}" if h["enabled"] else "disabled"
+    lines.append(f"  HCA alignment: {state} ({h['hca_layers']} HCA layers; one all-reduce per step when enabled)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    job = ConfigManager().parse_args()
+    world_size = int(os.environ.get("NGPU", "8"))
+    init_fake_mode(world_size, "fake_backend")
+    plan = build_plan(job, world_size)
+    print(format_plan(plan), flush=True)
+    out = os.path.join(job.job.dump_folder, f"unit_plan_{job.model.flavor}_{world_size}.json")
+    os.makedirs(job.job.dump_folder, exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(plan, f, indent=2)
+    print(f"  written to {out}")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
