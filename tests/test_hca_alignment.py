@@ -207,8 +207,9 @@ def test_synthetic_window_leaves_outputs_unchanged_and_zero_length_is_an_error()
     h = torch.randn(1, 64, 256)
     # the synthetic entry gets probability exactly 0; only the matmul's summation order can change
     torch.testing.assert_close(attn(h, model.rope, True), attn(h, model.rope, False), rtol=0, atol=1e-6)
-    entry, visible = attn.compressor(h, attn.q_norm(attn.wq_a(h)), model.rope, synthetic_window=True)
-    assert entry.shape == (1, 1, 128) and not visible.any()
+    compressed = attn.compressor(h, attn.q_norm(attn.wq_a(h)), model.rope, synthetic_window=True)
+    assert compressed.entries.shape == (1, 1, 128) and compressed.hidden
+    assert not compressed.visible(64).any()
     model.hca_compressors()[0].set_hca_param_sync_group(object())  # any bound group: checked before comms
     with pytest.raises(ValueError, match="zero-length local sequence"):
         model(x[:, :0])

@@ -63,8 +63,9 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
     # Titan's Trainer reads attn_type to decide whether to build flex/varlen masks;
     # DeepSeek-V4 builds its own masks inside attention, so this stays "sdpa".
     attn_type: str = "sdpa"
-    # "dense": masked [S x (S+T)] reference attention (the numerics every fast path is tested against).
-    attn_impl: str = "dense"
+    # "sparse": block-local window + gathered entries (training default); "dense": the masked
+    # [S x (S+T)] reference every fast path is tested against.
+    attn_impl: str = "sparse"
 
     # ---- schedule -------------------------------------------------------------------------
     def layer_type(self, layer_id: int) -> str:
@@ -106,8 +107,8 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
             problems.append(f"DeepSeek-V4 has exactly one shared expert, got {self.moe_args.num_shared_experts}")
         if self.sliding_window < 1 or self.index_topk < 1 or self.hc_mult < 1 or self.hc_sinkhorn_iters < 1:
             problems.append("sliding_window, index_topk, hc_mult and hc_sinkhorn_iters must all be >= 1")
-        if self.attn_impl != "dense":
-            problems.append(f"attn_impl={self.attn_impl!r} is unknown; use 'dense'")
+        if self.attn_impl not in ("sparse", "dense"):
+            problems.append(f"attn_impl={self.attn_impl!r} is unknown; use 'sparse' (fast) or 'dense' (reference)")
         if problems:
             raise ConfigError("Invalid DeepSeek-V4 model args:\n  - " + "\n  - ".join(problems))
 

@@ -1,8 +1,7 @@
 """DeepSeek-V4 attention: shared-KV MQA over a sliding window plus compressed entries (CSA / HCA).
 
-The attention kernel here is the dense masked reference: logits over [S window keys | T compressed
-entries] with a per-query mask, the learnable sink folded into the softmax. It is the numerics every
-faster path must reproduce.
+The kernels (``kernels.py``): the dense masked reference over [S window keys | T compressed entries]
+and the sparse fast path that reproduces it without [S x S] tensors; ``attn_impl`` picks one.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import CSA, HCA, SLIDING, DeepSeekV4ModelArgs
+from .kernels import ATTENTION_KERNELS, CompressedKV
 from .layers import ParamHolder, RMSNorm, RotaryTables, apply_rope, unweighted_rms_norm
 
 
@@ -36,13 +36,6 @@ def gated_pool(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor, ratio: i
     return (kv * weights).sum(dim=2)
 
 
-def visible_entries(seq_len: int, n_entries: int, ratio: int, device: torch.device) -> torch.Tensor:
-    """[S, T] bool: query t sees entry w iff the window's last token is at or before t."""
-    t = torch.arange(seq_len, device=device)
-    w = torch.arange(n_entries, device=device)
-    return w[None, :] < ((t + 1) // ratio)[:, None]
-
-
 class Indexer(nn.Module):
     """Lightning Indexer of a CSA layer: its own overlapping compressor at index_head_dim, then top-k.
 
@@ -60,6 +53,7 @@ class Indexer(nn.Module):
         self.norm = RMSNorm(dI, args.norm_eps)
         self.wq_b = nn.Linear(args.q_lora_rank, nI * dI, bias=False)
         self.weights_proj = nn.Linear(args.dim, nI, bias=False)
+        self.score_budget = 1 << 24  # score elements per query chunk (64 MiB of fp32)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, rope: RotaryTables) -> torch.Tensor:
         """Top-k compressed-entry indices per query [B, S, k]; -1 marks "select nothing"."""
@@ -72,15 +66,25 @@ class Indexer(nn.Module):
             keys = apply_rope(keys, cos[:: self.ratio][:T], sin[:: self.ratio][:T])
             q = self.wq_b(q_latent).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
             q = apply_rope(q, *rope.get("compress", S, q.dtype)).transpose(1, 2)  # [B, S, nI, dI]
-            scores = torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1))  # [B, S, nI, T]
-            scores = F.relu(scores) * self.head_dim**-0.5
-            head_w = self.weights_proj(x).float() * self.n_heads**-0.5
-            scores = (scores * head_w.unsqueeze(-1)).sum(dim=2)  # [B, S, T]
-            visible = visible_entries(S, T, self.ratio, x.device)
-            scores = scores.masked_fill(~visible, float("-inf"))
-            picked = scores.topk(min(self.topk, T), dim=-1).indices
-            causal_limit = ((torch.arange(S, device=x.device) + 1) // self.ratio)[None, :, None]
-            return torch.where(picked < causal_limit, picked, torch.full_like(picked, -1))
+            head_w = self.weights_proj(x).float() * self.n_heads**-0.5  # [B, S, nI]
+            # Score in query chunks: only [chunk, nI, T] lives at once, never [S, nI, T].
+            chunk = max(1, self.score_budget // max(1, B * self.n_heads * T))
+            picks = [
+                self._top_k(q[:, i : i + chunk], keys, head_w[:, i : i + chunk], i, T)
+                for i in range(0, S, chunk)
+            ]
+            return torch.cat(picks, dim=1)
+
+    def _top_k(self, q: torch.Tensor, keys: torch.Tensor, head_w: torch.Tensor, start: int, T: int) -> torch.Tensor:
+        """Picks for queries start .. start + len(q): ReLU scores weighted per head, causal, top-k."""
+        scores = torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1))  # [B, c, nI, T]
+        scores = F.relu(scores) * self.head_dim**-0.5
+        scores = (scores * head_w.unsqueeze(-1)).sum(dim=2)  # [B, c, T]
+        positions = torch.arange(start, start + q.shape[1], device=q.device)
+        limit = ((positions + 1) // self.ratio)[:, None]  # entries w < limit are causally visible
+        scores = scores.masked_fill(torch.arange(T, device=q.device)[None, :] >= limit, float("-inf"))
+        picked = scores.topk(min(self.topk, T), dim=-1).indices
+        return torch.where(picked < limit, picked, torch.full_like(picked, -1))
 
 
 class Compressor(nn.Module):
@@ -109,8 +113,8 @@ class Compressor(nn.Module):
 
     def forward(
         self, x: torch.Tensor, q_latent: torch.Tensor, rope: RotaryTables, synthetic_window: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(entries [B, T, d], visibility [B, S, T] bool), or None when no window is complete.
+    ) -> CompressedKV | None:
+        """The compressed entries and who sees them, or None when no window is complete.
 
         ``synthetic_window`` (HCA alignment, S < ratio): pool one zero-padded window whose entry no
         query sees, so outputs are unchanged and the parameters join backward with zero gradient.
@@ -122,23 +126,14 @@ class Compressor(nn.Module):
             padded = F.pad(x, (0, 0, 0, self.ratio - S))
             entry = self.norm(gated_pool(self.wkv(padded), self.wgate(padded), self.ape_param(), self.ratio, False))
             cos, sin = rope.get("compress", 1, entry.dtype)
-            entry = apply_rope(entry, cos, sin)
-            return entry, torch.zeros(B, S, 1, dtype=torch.bool, device=x.device)
+            return CompressedKV(apply_rope(entry, cos, sin), self.ratio, hidden=True)
         entries = gated_pool(self.wkv(x), self.wgate(x), self.ape_param(), self.ratio, self.overlap)
         entries = self.norm(entries)
         T = entries.shape[1]
         cos, sin = rope.get("compress", S, entries.dtype)
         entries = apply_rope(entries, cos[:: self.ratio][:T], sin[:: self.ratio][:T])
-        if self.indexer is None:
-            visible = visible_entries(S, T, self.ratio, x.device).expand(B, S, T)
-        else:
-            picked = self.indexer(x, q_latent, rope)
-            # Scatter into a spare column T so that -1 ("nothing") never lands on a real entry.
-            slots = torch.where(picked >= 0, picked, torch.full_like(picked, T))
-            visible = torch.zeros(B, S, T + 1, dtype=torch.bool, device=x.device)
-            visible.scatter_(-1, slots, True)
-            visible = visible[..., :T]
-        return entries, visible
+        picked = None if self.indexer is None else self.indexer(x, q_latent, rope)
+        return CompressedKV(entries, self.ratio, picked)
 
 
 class Attention(nn.Module):
@@ -161,7 +156,7 @@ class Attention(nn.Module):
         self.sinks_param = ParamHolder(args.n_heads)
         self.compressor = Compressor(args, self.kind) if self.kind in (CSA, HCA) else None
         # The attention math, a plain function (no parameters, no FSDP units): what compile wraps.
-        self.attention_kernel = dense_attention_with_sinks
+        self.attention_kernel = ATTENTION_KERNELS[args.attn_impl]
 
     def forward(self, x: torch.Tensor, rope: RotaryTables, hca_synthetic_window: bool = False) -> torch.Tensor:
         B, S, _ = x.shape
@@ -171,14 +166,10 @@ class Attention(nn.Module):
         q = apply_rope(unweighted_rms_norm(q, self.eps), cos, sin)  # [B, H, S, d]
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, S, d]
 
-        visible = window_mask(S, self.window, x.device).expand(B, S, S)
+        compressed = None
         if self.compressor is not None:
             compressed = self.compressor(x, q_latent, rope, hca_synthetic_window and self.kind == HCA)
-            if compressed is not None:
-                entries, entry_visible = compressed
-                kv = torch.cat([kv, entries.to(kv.dtype)], dim=1)
-                visible = torch.cat([visible, entry_visible], dim=-1)
-        out = self.attention_kernel(q, kv, visible, self.sinks_param())
+        out = self.attention_kernel(q, kv, self.sinks_param(), self.window, compressed)
         out = apply_rope(out, cos, -sin)  # undo the values' rotation at the query position
         out = out.transpose(1, 2).reshape(B, S, self.o_groups, -1)
         w = self.wo_a.weight.view(self.o_groups, -1, out.shape[-1])
@@ -200,27 +191,3 @@ class Attention(nn.Module):
                         nn.init.trunc_normal_(sub.weight, mean=0.0, std=0.02)
                 nn.init.zeros_(m.ape_param.weight)
                 m.norm.reset_parameters()
-
-
-def window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
-    """[S, S] bool: key j is in query t's band iff t - window < j <= t."""
-    t = torch.arange(seq_len, device=device)
-    delta = t[:, None] - t[None, :]
-    return (delta >= 0) & (delta < window)
-
-
-def dense_attention_with_sinks(
-    q: torch.Tensor, kv: torch.Tensor, visible: torch.Tensor, sinks: torch.Tensor
-) -> torch.Tensor:
-    """Reference MQA: q [B, H, S, d], kv [B, S+T, d], visible [B, S, S+T], sinks [H] -> [B, H, S, d].
-
-    The sink is an extra logit column with no value vector: p_j = exp(l_j) / (sum_i exp(l_i) + exp(sink)).
-    """
-    B, H, S, d = q.shape
-    logits = torch.matmul(q, kv.unsqueeze(1).transpose(-1, -2)) * d**-0.5  # [B, H, S, S+T]
-    logits = logits.masked_fill(~visible.unsqueeze(1), float("-inf"))
-    sink_col = sinks.reshape(1, H, 1, 1).expand(B, H, S, 1)
-    combined = torch.cat([logits, sink_col], dim=-1)  # fp32 sinks promote the softmax as in transformers
-    combined = combined - combined.max(dim=-1, keepdim=True).values
-    probs = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1].to(kv.dtype)
-    return torch.matmul(probs, kv.unsqueeze(1))
