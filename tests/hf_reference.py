@@ -71,13 +71,14 @@ def hf_config_dict(model) -> dict:
     return model.config.to_dict()
 
 
-def build_ours_from_hf(hf_model, seq_len: int):
+def build_ours_from_hf(hf_model, seq_len: int, attn_impl: str = "sparse"):
     """Our model with the converted weights of ``hf_model``, fp32."""
     from titan_dsv4.model import DeepSeekV4Model, DeepSeekV4ModelArgs
     from titan_dsv4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
 
     args = DeepSeekV4ModelArgs.from_hf_config(hf_model.config.to_dict())
     args.max_seq_len = seq_len
+    args.attn_impl = attn_impl
     model = DeepSeekV4Model(args)
     model.init_weights()
     adapter = DeepSeekV4StateDictAdapter(args, None)

@@ -7,7 +7,7 @@ import torch
 from distributed import run_on_ranks
 
 
-def build_parallelized(world_size: int, mixed: str = "bfloat16", twice: bool = False):
+def build_parallelized(world_size: int, mixed: str = "bfloat16", twice: bool = False, group_islands: bool = True):
     from torchtitan.config import JobConfig
     from torchtitan.distributed import ParallelDims
 
@@ -22,24 +22,31 @@ def build_parallelized(world_size: int, mixed: str = "bfloat16", twice: bool = F
     args = deepseek_v4_args["debugmodel"].replace(max_seq_len=256)
     with torch.device("meta"):
         model = DeepSeekV4Model(args)
-    parallelize_deepseek_v4(model, dims, job)
-    if twice:
+    if group_islands:
         parallelize_deepseek_v4(model, dims, job)
+        if twice:
+            parallelize_deepseek_v4(model, dims, job)
+    else:  # the per-island baseline: parallelize's FSDP step with one unit per island
+        from titan_dsv4.infra.parallelize import apply_fsdp, data_parallel_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for _ in range(2 if twice else 1):
+            apply_fsdp(model, data_parallel_mesh(dims), mp_policy=policy, reshard_after_forward=True,
+                       group_islands=False)
     model.to_empty(device="cpu")
     model.init_weights()
     return model
 
 
-def _unit_report(rank, world_size, mixed, twice):
+def _unit_report(rank, world_size, mixed, twice, group_islands=True):
     from titan_dsv4.infra.unit_plan import fsdp_units
 
-    model = build_parallelized(world_size, mixed)
+    model = build_parallelized(world_size, mixed, group_islands=group_islands)
     units = fsdp_units(model)
     report = {"units": units}
     if twice:
-        from titan_dsv4.infra.parallelize import parallelize_deepseek_v4  # noqa: F401
-
-        model2 = build_parallelized(world_size, mixed, twice=True)
+        model2 = build_parallelized(world_size, mixed, twice=True, group_islands=group_islands)
         report["units_twice"] = fsdp_units(model2)
     # one forward/backward must run through the islands
     tokens = torch.randint(0, 2048, (1, 256), generator=torch.Generator().manual_seed(rank))
@@ -50,15 +57,25 @@ def _unit_report(rank, world_size, mixed, twice):
     return report
 
 
-def test_bf16_job_policy_gives_fp32_islands_and_bf16_blocks():
-    report = run_on_ranks(_unit_report, 2, "bfloat16", True)[0]
+ISLANDS = {
+    "hc_head", "lm_head", "layers.0.attn_hc", "layers.0.ffn_hc", "layers.1.self_attn.compressor.wkv",
+    "layers.1.self_attn.compressor.wgate", "layers.1.self_attn.compressor.indexer.wkv",
+    "layers.1.self_attn.compressor.indexer.wgate", "layers.2.self_attn.compressor.wkv",
+}
+HOLDERS = {
+    "layers.0.self_attn.sinks_param", "layers.1.self_attn.compressor.ape_param",
+    "layers.1.self_attn.compressor.indexer.ape_param", "layers.2.self_attn.compressor.ape_param",
+}
+NOT_ISLANDS = {"layers.2.self_attn.compressor.indexer.wkv", "layers.0.self_attn.compressor.wkv"}
+
+
+def _check_unit_rules(report):
     units = report["units"]
     by_kind = {}
     for u in units:
         by_kind.setdefault(u.kind, []).append(u)
         assert len(u.storage_dtypes) == 1, u
         assert len(u.compute_dtypes) == 1, u
-    # 4 blocks: islands per block = attn_hc, ffn_hc, sinks + compressor (CSA: 3 + indexer 3; HCA: 3)
     assert len(by_kind["block"]) == 4
     assert {u.compute_dtypes for u in by_kind["block"]} == {frozenset({torch.bfloat16})}
     assert {u.storage_dtypes for u in by_kind["block"]} == {frozenset({torch.float32})}
@@ -67,23 +84,28 @@ def test_bf16_job_policy_gives_fp32_islands_and_bf16_blocks():
         assert u.reduce_dtype == torch.float32 and u.output_dtype == torch.float32, u
     assert all(u.reshard_after_forward for u in by_kind["island"]), by_kind["island"]
     assert not any(u.reshard_after_forward for u in by_kind["holder"]), by_kind["holder"]
-    names = {u.name for u in units}
-    for expected in (
-        "hc_head", "lm_head", "layers.0.attn_hc", "layers.0.ffn_hc", "layers.0.self_attn.sinks_param",
-        "layers.1.self_attn.compressor.wkv", "layers.1.self_attn.compressor.wgate",
-        "layers.1.self_attn.compressor.ape_param", "layers.1.self_attn.compressor.indexer.wkv",
-        "layers.1.self_attn.compressor.indexer.wgate", "layers.1.self_attn.compressor.indexer.ape_param",
-        "layers.2.self_attn.compressor.wkv",
-    ):
-        assert expected in names, expected
-    assert "layers.2.self_attn.compressor.indexer.wkv" not in names  # HCA has no indexer
-    assert "layers.0.self_attn.compressor.wkv" not in names  # sliding layer has no compressor
-    holders = {u.name for u in by_kind["holder"]}
-    assert holders == {n for n in names if n.endswith(("sinks_param", "ape_param"))}
-    # 3 per block + compressor islands (CSA 6, HCA 3) + hc_head, lm_head, 4 blocks, root
-    assert len(units) == 4 * 3 + 6 + 3 + 6 + 2 + 4 + 1
+    island_members = {m for u in by_kind["island"] for m in u.members}
+    holder_members = {m for u in by_kind["holder"] for m in u.members}
+    assert ISLANDS <= island_members and HOLDERS <= holder_members
+    assert not (NOT_ISLANDS & (island_members | holder_members))
+    assert all(m.endswith(("sinks_param", "ape_param")) for m in holder_members)
     assert report["units_twice"] == units  # calling parallelize twice changes nothing
     assert report["all_grads_finite"]
+    return by_kind
+
+
+def test_grouped_islands_default_two_fp32_units_per_block():
+    by_kind = _check_unit_rules(run_on_ranks(_unit_report, 2, "bfloat16", True)[0])
+    # per block: one island unit + one holder unit; the root level groups hc_head with lm_head
+    assert len(by_kind["island"]) == 4 + 1 and len(by_kind["holder"]) == 4
+    assert len(by_kind["root"]) == 1
+
+
+def test_per_island_baseline_one_unit_per_island():
+    by_kind = _check_unit_rules(run_on_ranks(_unit_report, 2, "bfloat16", True, False)[0])
+    # 2 mHC per block + compressor wkv/wgate (CSA: + indexer wkv/wgate) + hc_head, lm_head
+    assert len(by_kind["island"]) == 4 * 2 + 2 * 4 + 2 + 2
+    assert len(by_kind["holder"]) == 4 + 2 * 2 + 1
 
 
 def _fp32_report(rank, world_size):

@@ -11,10 +11,11 @@ from hf_reference import TINY_HF_CONFIG, build_hf_model, build_ours_from_hf
 SEQ = 300  # > 2 x 128: two complete HCA windows plus a partial one; 75 CSA entries > index_topk 8
 
 
-@pytest.fixture(scope="module")
-def pair():
+@pytest.fixture(scope="module", params=["sparse", "dense"])
+def pair(request):
+    """(transformers model, ours with the fast or the reference attention kernel, ...)."""
     hf = build_hf_model()
-    ours, args, adapter = build_ours_from_hf(hf, SEQ)
+    ours, args, adapter = build_ours_from_hf(hf, SEQ, attn_impl=request.param)
     tokens = torch.randint(0, TINY_HF_CONFIG["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(3))
     return hf, ours, args, adapter, tokens
 
@@ -95,7 +96,7 @@ def test_from_hf_config_legacy_and_modern_forms_agree(pair):
     modern = DeepSeekV4ModelArgs.from_hf_config(hf.config.to_dict())
     exported = DeepSeekV4ModelArgs.from_hf_config(args.to_hf_config())
     for other in (legacy, modern, exported):
-        other.max_seq_len = args.max_seq_len
+        other.max_seq_len, other.attn_impl = args.max_seq_len, args.attn_impl
         assert other == args
     assert legacy.compress_ratios == [0, 4, 128, 4]  # the trailing MTP entry is dropped
     assert legacy.n_hash_layers == 2 and legacy.rope_head_dim == 16

@@ -6,6 +6,8 @@ one ``param_dtype``, so each of these "islands" becomes its own fp32 unit, shard
   * an island is a module whose qualified name equals or ends with ``.<suffix>`` of ``FP32_ISLAND_SUFFIXES``
     and whose floating parameters are all fp32;
   * its policy computes, reduces and outputs in fp32 (``cast_forward_inputs`` as the caller set it);
+  * a block's islands share one unit and its holders another (a list-of-modules FSDP2 unit: one
+    all-gather each), or get one unit per island with ``group_islands=False``;
   * a holder that returns its raw parameter to its parent is not resharded after its own forward
     (the parent still reads the unsharded tensor);
   * no unit ever holds parameters of two storage dtypes or two compute dtypes;
@@ -86,29 +88,31 @@ def is_deepseek_v4(module: nn.Module) -> bool:
 
 
 def shard_unit(
-    module: nn.Module,
+    modules: nn.Module | list[nn.Module],
     *,
     mesh: DeviceMesh,
     mp_policy: MixedPrecisionPolicy,
     reshard_after_forward: bool | None,
     ignored_params: set[nn.Parameter] | None = None,
     offload_policy: OffloadPolicy | None = None,
-) -> nn.Module:
-    """``fully_shard`` once: never rewrap, and pass only this module's own ignored parameters."""
-    if isinstance(module, FSDPModule):
-        return module
-    own = set(module.parameters())
-    managed = own - _params_of_nested_units(module) - set(ignored_params or ())
+) -> None:
+    """``fully_shard`` one unit (a module or a group of modules) once: never rewrap, and pass only
+    the unit's own ignored parameters."""
+    group = [modules] if isinstance(modules, nn.Module) else list(modules)
+    if not group or all(isinstance(m, FSDPModule) for m in group):
+        return
+    own = {p for m in group for p in m.parameters()}
+    managed = own - set().union(*(_params_of_nested_units(m) for m in group)) - set(ignored_params or ())
     dtypes = {p.dtype for p in managed if p.is_floating_point()}
     if len(dtypes) > 1:
         raise ValueError(
-            f"an FSDP unit for {type(module).__name__} would hold parameters of {len(dtypes)} storage dtypes "
+            f"an FSDP unit for {type(group[0]).__name__} would hold parameters of {len(dtypes)} storage dtypes "
             f"{sorted(map(str, dtypes))}; build the model in one dtype (training.dtype) so that fp32 islands "
             "can be split off by name"
         )
     kwargs = {"offload_policy": offload_policy} if offload_policy is not None else {}
-    return fully_shard(
-        module,
+    fully_shard(
+        group[0] if len(group) == 1 else group,
         mesh=mesh,
         mp_policy=mp_policy,
         reshard_after_forward=reshard_after_forward,
@@ -121,6 +125,17 @@ def _params_of_nested_units(module: nn.Module) -> set[nn.Parameter]:
     return {p for m in module.modules() if m is not module and isinstance(m, FSDPModule) for p in m.parameters()}
 
 
+def fp32_islands(module: nn.Module) -> list[nn.Module]:
+    """The islands under ``module`` not sharded yet, once each (a compiled island is listed as its wrapper)."""
+    found, seen = [], set()
+    for name, sub in module.named_modules():
+        if name and canonical_name(name) not in seen and is_fp32_island(name, sub):
+            seen.add(canonical_name(name))
+            if not isinstance(sub, FSDPModule):
+                found.append(sub)
+    return found
+
+
 def shard_with_fp32_units(
     module: nn.Module,
     *,
@@ -129,23 +144,23 @@ def shard_with_fp32_units(
     reshard_after_forward: bool | None,
     ignored_params: set[nn.Parameter] | None = None,
     offload_policy: OffloadPolicy | None = None,
-) -> nn.Module:
-    """Shard ``module``'s fp32 islands as fp32 units, then ``module`` itself with ``mp_policy``."""
+    group_islands: bool = True,
+) -> None:
+    """Shard ``module``'s fp32 islands as fp32 units, then ``module`` itself with ``mp_policy``.
+
+    ``group_islands``: one unit for the islands that reshard after forward and one for the holders
+    (two fp32 all-gathers per block) instead of one unit per island (up to nine).
+    """
     common = dict(mesh=mesh, ignored_params=ignored_params, offload_policy=offload_policy)
     if is_deepseek_v4(module) and not computes_in_fp32(module, mp_policy):
-        done: set[str] = set()  # a compiled island appears twice: the wrapper and its _orig_mod
-        for name, sub in list(module.named_modules()):
-            if name and canonical_name(name) not in done and is_fp32_island(name, sub):
-                done.add(canonical_name(name))
-                if isinstance(sub, FSDPModule):
-                    continue
-                keep = returns_raw_parameter(sub)
-                shard_unit(
-                    sub,
-                    mp_policy=fp32_policy(mp_policy),
-                    reshard_after_forward=False if keep else reshard_after_forward,
-                    **common,
-                )
+        islands = fp32_islands(module)
+        holders = [m for m in islands if returns_raw_parameter(m)]
+        resharded = [m for m in islands if not returns_raw_parameter(m)]
+        policy = fp32_policy(mp_policy)
+        units = [(resharded, reshard_after_forward), (holders, False)]
+        for group, reshard in units:
+            for unit in [group] if group_islands else [[m] for m in group]:
+                shard_unit(unit, mp_policy=policy, reshard_after_forward=reshard, **common)
     elif is_deepseek_v4(module) and mp_policy.param_dtype is None:
         mp_policy = fp32_policy(mp_policy)  # all-fp32 module, no low-precision policy: one fp32 unit
-    return shard_unit(module, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward, **common)
+    shard_unit(module, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward, **common)

@@ -157,6 +157,7 @@ def apply_fsdp(
     reshard_after_forward: bool,
     cpu_offload: bool = False,
     ignored_params: set[nn.Parameter] | None = None,
+    group_islands: bool = True,
 ) -> None:
     """Islands and blocks first, then the root (embeddings, final norm); Titan's gradient conventions."""
     common = dict(
@@ -164,6 +165,7 @@ def apply_fsdp(
         mp_policy=mp_policy,
         ignored_params=ignored_params,
         offload_policy=CPUOffloadPolicy() if cpu_offload else None,
+        group_islands=group_islands,
     )
     for block in model.layers.values():
         shard_with_fp32_units(block, reshard_after_forward=reshard_after_forward, **common)

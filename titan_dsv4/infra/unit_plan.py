@@ -13,7 +13,8 @@ from .fsdp_units import canonical_name
 
 @dataclass(frozen=True)
 class UnitInfo:
-    name: str
+    name: str  # the first module's qualified name
+    members: tuple[str, ...]  # every module of the unit (several for a grouped unit)
     kind: str  # "island", "holder", "block" or "root"
     storage_dtypes: frozenset
     compute_dtypes: frozenset
@@ -38,10 +39,17 @@ def _kind(name: str, module: nn.Module, is_root: bool) -> str:
 
 
 def fsdp_units(model: nn.Module) -> list[UnitInfo]:
-    units = []
+    """One record per FSDP unit, in module order; a grouped unit is listed once with all its members."""
+    members: dict[int, list[str]] = {}
+    first: dict[int, tuple[str, nn.Module]] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, FSDPModule):
-            continue
+        if isinstance(module, FSDPModule):
+            state = module._get_fsdp_state()
+            if canonical_name(name) not in members.setdefault(id(state), []):
+                members[id(state)].append(canonical_name(name) or "<root>")
+            first.setdefault(id(state), (name, module))
+    units = []
+    for key, (name, module) in first.items():
         state = module._get_fsdp_state()
         group = state._fsdp_param_group
         if group is None:
@@ -58,6 +66,7 @@ def fsdp_units(model: nn.Module) -> list[UnitInfo]:
         units.append(
             UnitInfo(
                 name=canonical_name(name) or "<root>",
+                members=tuple(members[key]),
                 kind=_kind(name, module, module is model),
                 storage_dtypes=frozenset(storage),
                 compute_dtypes=frozenset(compute),
