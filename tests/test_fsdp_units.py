@@ -48,9 +48,18 @@ def _unit_report(rank, world_size, mixed, twice, group_islands=True):
     if twice:
         model2 = build_parallelized(world_size, mixed, twice=True, group_islands=group_islands)
         report["units_twice"] = fsdp_units(model2)
-    # one forward/backward must run through the islands
+    # one forward/backward must run through the islands; count the forward's all-gathers
+    import torch.distributed as dist
+
     tokens = torch.randint(0, 2048, (1, 256), generator=torch.Generator().manual_seed(rank))
-    model(tokens).float().logsumexp(-1).mean().backward()
+    calls, original = [], dist.all_gather_single
+    dist.all_gather_single = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    try:
+        out = model(tokens)
+    finally:
+        dist.all_gather_single = original
+    report["forward_all_gathers"] = len(calls)
+    out.float().logsumexp(-1).mean().backward()
     report["all_grads_finite"] = all(
         torch.isfinite(p.grad.full_tensor()).all().item() for p in model.parameters() if p.grad is not None
     )
@@ -95,14 +104,19 @@ def _check_unit_rules(report):
 
 
 def test_grouped_islands_default_two_fp32_units_per_block():
-    by_kind = _check_unit_rules(run_on_ranks(_unit_report, 2, "bfloat16", True)[0])
+    report = run_on_ranks(_unit_report, 2, "bfloat16", True)[0]
+    by_kind = _check_unit_rules(report)
+    # forward: 3 all-gathers per block (bf16 block, fp32 islands, fp32 holders) + root + head islands
+    assert report["forward_all_gathers"] == 4 * 3 + 1 + 1
     # per block: one island unit + one holder unit; the root level groups hc_head with lm_head
     assert len(by_kind["island"]) == 4 + 1 and len(by_kind["holder"]) == 4
     assert len(by_kind["root"]) == 1
 
 
 def test_per_island_baseline_one_unit_per_island():
-    by_kind = _check_unit_rules(run_on_ranks(_unit_report, 2, "bfloat16", True, False)[0])
+    report = run_on_ranks(_unit_report, 2, "bfloat16", True, False)[0]
+    by_kind = _check_unit_rules(report)
+    assert report["forward_all_gathers"] == len(report["units"])  # one per unit
     # 2 mHC per block + compressor wkv/wgate (CSA: + indexer wkv/wgate) + hc_head, lm_head
     assert len(by_kind["island"]) == 4 * 2 + 2 * 4 + 2 + 2
     assert len(by_kind["holder"]) == 4 + 2 * 2 + 1
