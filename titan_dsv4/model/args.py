@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -391,13 +390,3 @@ def analytic_nparams(args: DeepSeekV4ModelArgs) -> int:
     for i in range(args.n_layers):
         total += _block_params(args, args.compress_ratios[i])
     return total
-
-
-def yarn_inv_freq_bounds(args: DeepSeekV4ModelArgs) -> tuple[int, int]:
-    """(low, high) YaRN correction range of the compress table, as in transformers."""
-    dim, base, L0 = args.rope_head_dim, args.compress_rope_theta, args.original_seq_len
-
-    def corr(rot: float) -> float:
-        return dim * math.log(L0 / (rot * 2 * math.pi)) / (2 * math.log(base))
-
-    return max(math.floor(corr(args.beta_fast)), 0), min(math.ceil(corr(args.beta_slow)), dim - 1)

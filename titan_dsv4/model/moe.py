@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from torchtitan.models.moe.moe import FeedForward, GroupedExperts, MoE, TokenChoiceTopKRouter
+from torchtitan.models.moe.moe import FeedForward, GroupedExperts, MoE, TokenChoiceTopKRouter, TokenReorderer
 from torchtitan.models.moe.utils import indices_padding_wrapper
 
 from .args import HASH_MOE, DeepSeekV4ModelArgs
@@ -116,9 +116,6 @@ class DeepSeekV4Router(TokenChoiceTopKRouter):
         counts = torch.bincount(selected.reshape(-1), minlength=self.num_experts).float()
         return top, selected, counts
 
-    def init_weights(self, init_std: float) -> None:
-        super().init_weights(init_std)
-
 
 class DeepSeekV4MoE(MoE):
     """Titan's MoE with V4's router and clamped experts; routed outputs weighted after W2."""
@@ -131,8 +128,6 @@ class DeepSeekV4MoE(MoE):
             args.dim, args.moe_inter_dim, m.num_experts, m.use_grouped_mm, args.swiglu_limit
         )
         self.router = DeepSeekV4Router(args, hash_routed)
-        from torchtitan.models.moe.moe import TokenReorderer
-
         self.reorderer = TokenReorderer(num_experts=m.num_experts, top_k=m.top_k)
         self.shared_experts = ClampedFeedForward(args.dim, args.moe_inter_dim, args.swiglu_limit)
         self.score_before_experts = False
