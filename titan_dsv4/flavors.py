@@ -36,9 +36,14 @@ class Flavors(dict):
     """Flavor name -> args; an unknown name lists the known ones instead of a bare KeyError."""
 
     def __missing__(self, key: str) -> DeepSeekV4ModelArgs:
+        if key.startswith("hf:"):  # the shapes a checkpoint's config.json describes
+            from .checkpoint.hf_config import model_args_from_checkpoint
+
+            return model_args_from_checkpoint(key[3:])
         raise UnknownFlavorError(
             f"unknown DeepSeek-V4 flavor {key!r}; known flavors: {', '.join(sorted(self))}. "
-            f"Set --model.flavor to one of them (e.g. --model.flavor debugmodel)."
+            f"Set --model.flavor to one of them (e.g. --model.flavor debugmodel), or to hf:/path/to/checkpoint "
+            f"for the shapes a checkpoint's config.json describes."
         )
 
 

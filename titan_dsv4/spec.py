@@ -11,6 +11,7 @@ import torchtitan.protocols.train_spec as train_spec_module
 from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 
 from . import data
+from .checkpoint import hooks as checkpoint_hooks
 from .flavors import deepseek_v4_args
 from .infra.optimizer import build_optimizers_with_v4_load_balancing
 from .infra.parallelize import parallelize_deepseek_v4
@@ -39,5 +40,6 @@ def get_train_spec() -> TrainSpec:
 def register() -> None:
     """Register ``deepseek_v4`` once; re-imports and repeated calls are no-ops."""
     data.register_datasets()
+    checkpoint_hooks.install()
     if NAME not in train_spec_module._extra_train_specs:
         register_train_spec(NAME, get_train_spec())

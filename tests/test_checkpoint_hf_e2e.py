@@ -1,0 +1,135 @@
+"""Hugging Face checkpoints through ``./run_train.sh`` on 2 CPU ranks: load, train, export.
+
+The same random debugmodel-shaped transformers model is stored three ways (save_pretrained, DeepSeek's
+released names with MTP extras, and released FP8/FP4 storage). Each folder is loaded with
+``--checkpoint.initial_load_path DIR --checkpoint.initial_load_in_hf``, and the first step's loss must be
+transformers' loss on the very batch Titan feeds (fp32). The export (``--checkpoint.last_save_in_hf``) must
+load with ``DeepseekV4ForCausalLM.from_pretrained`` and give our model's logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from checkpoint_fixtures import debug_args, make_checkpoints
+from titan_runs import ROOT, bytes_read, first_global_batch, losses, run_train
+
+TOL = 1e-4
+HF_LOAD = ["--training.steps", "1", "--training.mixed_precision_param", "float32", "--checkpoint.enable",
+           "--checkpoint.initial_load_in_hf", "--checkpoint.last_save_model_only"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return make_checkpoints(str(tmp_path_factory.mktemp("hf_checkpoints")))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return first_global_batch()
+
+
+def _transformers_loss(model, batch) -> float:
+    inputs, labels = batch
+    with torch.no_grad():
+        logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()).item()
+
+
+def _assert_first_step_matches(log: str, expected: float) -> None:
+    got = losses(log, 0), losses(log, 1)
+    assert got[0].keys() == got[1].keys() == {1}, log[-4000:]
+    assert abs(got[0][1] - expected) <= TOL and got[0] == got[1], (got, expected)
+
+
+def _assert_each_rank_read_its_half(log: str) -> None:
+    read = bytes_read(log)
+    assert sorted(read) == [0, 1], log[-3000:]
+    for mine, total in read.values():
+        assert 0.3 * total < mine < 0.6 * total, read  # FSDP shards: about half each, never the whole
+
+
+def test_save_pretrained_folder_trains_and_exports_a_folder_transformers_loads(checkpoints, batch, tmp_path):
+    from transformers import DeepseekV4ForCausalLM
+
+    rc, log = run_train([*HF_LOAD, "--checkpoint.initial_load_path", checkpoints["folders"]["save_pretrained"],
+                         "--checkpoint.last_save_in_hf", "--job.dump_folder", str(tmp_path)])
+    assert rc == 0, log[-4000:]
+    assert "transformers save_pretrained layout, 122 tensors" in log
+    _assert_first_step_matches(log, _transformers_loss(checkpoints["hf"], batch))
+    _assert_each_rank_read_its_half(log)
+
+    export = tmp_path / "checkpoint" / "step-1"
+    hf, info = DeepseekV4ForCausalLM.from_pretrained(str(export), dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ours = _our_model_from(str(export))
+    tokens = batch[0][:2, :300]
+    with torch.no_grad():
+        diff = (ours(tokens) - hf.eval()(input_ids=tokens).logits).abs().max().item()
+    assert diff <= TOL, diff
+    trained = hf.state_dict()["model.layers.2.mlp.experts.gate_up_proj"]
+    assert not torch.equal(trained, checkpoints["hf"].state_dict()["model.layers.2.mlp.experts.gate_up_proj"])
+
+
+def _our_model_from(folder: str):
+    """Our model loaded through the adapter's storage reader, as Titan loads it (single process)."""
+    import torch.distributed.checkpoint as dcp
+
+    from titan_dsv4.model import DeepSeekV4Model, DeepSeekV4ModelArgs
+    from titan_dsv4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
+
+    args = DeepSeekV4ModelArgs.from_hf_config(folder)
+    assert args == debug_args().replace(max_seq_len=args.max_seq_len)  # the exported config.json is the model
+    args.max_seq_len = 512
+    model = DeepSeekV4Model(args)
+    model.init_weights()
+    adapter = DeepSeekV4StateDictAdapter(args, None)
+    hf_state = adapter.to_hf(model.state_dict())
+    dcp.load(hf_state, storage_reader=adapter.get_hf_storage_reader(folder), no_dist=True)
+    model.load_state_dict(adapter.from_hf(hf_state))
+    return model.eval()
+
+
+def test_released_folder_loads_through_the_generated_toml(checkpoints, batch, tmp_path):
+    from titan_dsv4.checkpoint.convert_config import render
+
+    config = tmp_path / "from_checkpoint.toml"
+    config.write_text(render(checkpoints["folders"]["released"], str(ROOT / "train_configs" / "debug_model.toml")))
+    rc, log = run_train(["--config", str(config), *HF_LOAD[:4], "--job.dump_folder", str(tmp_path)])
+    assert rc == 0, log[-4000:]
+    assert "released layout, 122 tensors, 3 MTP tensors not trained here" in log
+    _assert_first_step_matches(log, _transformers_loss(checkpoints["hf"], batch))
+    _assert_each_rank_read_its_half(log)
+
+
+def test_fp8_fp4_released_folder_is_dequantized_on_load(checkpoints, batch, tmp_path):
+    rc, log = run_train([*HF_LOAD, "--checkpoint.initial_load_path", checkpoints["folders"]["quantized"],
+                         "--job.dump_folder", str(tmp_path)])
+    assert rc == 0, log[-4000:]
+    assert "FP8/FP4 dequantized on read" in log
+    _assert_first_step_matches(log, _transformers_loss(checkpoints["quantized_reference"], batch))
+
+
+def test_released_folder_as_hf_assets_path_exports_in_its_shards(checkpoints, batch, tmp_path):
+    """Titan's other route: weights (and tokenizer) from --model.hf_assets_path; the export keeps its 2 shards."""
+    import shutil
+
+    from transformers import DeepseekV4ForCausalLM
+
+    assets = tmp_path / "assets"
+    shutil.copytree(checkpoints["folders"]["released"], assets)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ROOT / "titan_dsv4" / "assets" / "tokenizer" / f, assets / f)
+    rc, log = run_train([*HF_LOAD, "--model.hf_assets_path", str(assets), "--checkpoint.last_save_in_hf",
+                         "--job.dump_folder", str(tmp_path / "run")])
+    assert rc == 0, log[-4000:]
+    _assert_first_step_matches(log, _transformers_loss(checkpoints["hf"], batch))
+    export = tmp_path / "run" / "checkpoint" / "step-1"
+    assert {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+            "model-hash-tables.safetensors"} <= {p.name for p in export.iterdir()}
+    hf, info = DeepseekV4ForCausalLM.from_pretrained(str(export), dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert torch.equal(hf.state_dict()["model.layers.1.mlp.gate.tid2eid"],
+                       checkpoints["hf"].state_dict()["model.layers.1.mlp.gate.tid2eid"])
