@@ -222,3 +222,20 @@ def make_checkpoints(root: str, seed: int = 0) -> dict:
     write_shards(folders["quantized"], {**stored, **mtp_tensors(args)}, config, n_shards=3)
     return {"folders": folders, "hf": hf, "quantized_reference": reference_with(hf, values, n_experts),
             "values": values}
+
+
+def load_through_adapter(folder: str, args=None):
+    """Our model loaded through the adapter exactly as Titan's HF load does: to_hf -> reader -> from_hf."""
+    import torch.distributed.checkpoint as dcp
+
+    from titan_dsv4.model import DeepSeekV4Model
+    from titan_dsv4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
+
+    args = args or debug_args().replace(max_seq_len=256)
+    model = DeepSeekV4Model(args)
+    model.init_weights()
+    adapter = DeepSeekV4StateDictAdapter(args, None)
+    hf_state = adapter.to_hf(model.state_dict())
+    dcp.load(hf_state, storage_reader=adapter.get_hf_storage_reader(folder), no_dist=True)
+    model.load_state_dict(adapter.from_hf(hf_state))
+    return model.eval()

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint_fixtures import debug_args, make_checkpoints
+from checkpoint_fixtures import debug_args, load_through_adapter, make_checkpoints
 from titan_runs import ROOT, bytes_read, first_global_batch, losses, run_train
 
 TOL = 1e-4
@@ -75,21 +75,12 @@ def test_save_pretrained_folder_trains_and_exports_a_folder_transformers_loads(c
 
 def _our_model_from(folder: str):
     """Our model loaded through the adapter's storage reader, as Titan loads it (single process)."""
-    import torch.distributed.checkpoint as dcp
-
-    from titan_dsv4.model import DeepSeekV4Model, DeepSeekV4ModelArgs
-    from titan_dsv4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
+    from titan_dsv4.model import DeepSeekV4ModelArgs
 
     args = DeepSeekV4ModelArgs.from_hf_config(folder)
     assert args == debug_args().replace(max_seq_len=args.max_seq_len)  # the exported config.json is the model
     args.max_seq_len = 512
-    model = DeepSeekV4Model(args)
-    model.init_weights()
-    adapter = DeepSeekV4StateDictAdapter(args, None)
-    hf_state = adapter.to_hf(model.state_dict())
-    dcp.load(hf_state, storage_reader=adapter.get_hf_storage_reader(folder), no_dist=True)
-    model.load_state_dict(adapter.from_hf(hf_state))
-    return model.eval()
+    return load_through_adapter(folder, args)
 
 
 def test_released_folder_loads_through_the_generated_toml(checkpoints, batch, tmp_path):

@@ -7,10 +7,9 @@ import shutil
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 import tomllib
 
-from checkpoint_fixtures import debug_args, make_checkpoints
+from checkpoint_fixtures import debug_args, load_through_adapter, make_checkpoints
 from titan_runs import ROOT
 
 TOL = 1e-4
@@ -21,25 +20,10 @@ def checkpoints(tmp_path_factory):
     return make_checkpoints(str(tmp_path_factory.mktemp("hf_checkpoints")))
 
 
-def _load(folder: str, args=None):
-    """Our model loaded through the adapter exactly as Titan's HF load does: to_hf -> reader -> from_hf."""
-    from titan_dsv4.model import DeepSeekV4Model
-    from titan_dsv4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
-
-    args = args or debug_args().replace(max_seq_len=256)
-    model = DeepSeekV4Model(args)
-    model.init_weights()
-    adapter = DeepSeekV4StateDictAdapter(args, None)
-    hf_state = adapter.to_hf(model.state_dict())
-    dcp.load(hf_state, storage_reader=adapter.get_hf_storage_reader(folder), no_dist=True)
-    model.load_state_dict(adapter.from_hf(hf_state))
-    return model.eval()
-
-
 @pytest.mark.parametrize("variant", ["save_pretrained", "released", "quantized"])
 def test_every_layout_loads_with_transformers_logits(checkpoints, variant):
     reference = checkpoints["quantized_reference" if variant == "quantized" else "hf"]
-    ours = _load(checkpoints["folders"][variant])
+    ours = load_through_adapter(checkpoints["folders"][variant])
     tokens = torch.randint(0, 2048, (1, 256), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (ours(tokens) - reference(input_ids=tokens).logits).abs().max().item() <= TOL
