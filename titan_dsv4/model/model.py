@@ -67,6 +67,9 @@ class DeepSeekV4Model(ModelProtocol):
         self.hc_head = HyperHead(model_args)
         self.norm = RMSNorm(model_args.dim, model_args.norm_eps)
         self.lm_head = nn.Linear(model_args.dim, model_args.vocab_size, bias=False)
+        # Plain list (not registered): found once here, not by walking every module each forward.
+        # fully_shard swaps classes in place and compile wraps other modules, so these stay valid.
+        self._hca_compressors = [m for m in self.modules() if isinstance(m, Compressor) and m.kind == HCA]
 
     def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
         check_token_ids(tokens, self.vocab_size)
@@ -79,7 +82,7 @@ class DeepSeekV4Model(ModelProtocol):
         return self.lm_head(h)
 
     def hca_compressors(self) -> list[nn.Module]:
-        return [m for m in self.modules() if isinstance(m, Compressor) and m.kind == HCA]
+        return list(self._hca_compressors)
 
     def hca_needs_synthetic_window(self, tokens: torch.Tensor) -> bool:
         """HCA graph alignment, agreed once per forward for the whole model.
