@@ -7,7 +7,8 @@ import torch
 
 from titan_dsv4.flavors import deepseek_v4_args
 from titan_dsv4.model import DeepSeekV4Model
-from titan_dsv4.model.args import CSA, HASH_MOE, HCA, MOE, SLIDING, analytic_nparams, count_params
+from titan_dsv4.model.accounting import analytic_nparams, count_param_groups, train_flops_per_token
+from titan_dsv4.model.args import CSA, HASH_MOE, HCA, MOE, SLIDING
 
 
 def test_debugmodel_has_every_attention_and_moe_kind():
@@ -17,26 +18,26 @@ def test_debugmodel_has_every_attention_and_moe_kind():
 
 
 @pytest.mark.parametrize(
-    "flavor, total_b, active_range_b, with_mtp_t",
+    "flavor, backbone, active_range_b, with_mtp_t",
     [
         # published: DeepSeek-V4-Flash 284B total / 13B active; -Pro 1.6T total (with MTP) / 49B active
-        ("flash", 284, (13.0, 14.0), None),
-        ("pro", None, (49.0, 50.0), 1.6),
+        ("flash", 284_332_230_231, (13.0, 14.0), None),
+        ("pro", 1_572_997_179_491, (49.0, 50.0), 1.6),
     ],
 )
-def test_released_shapes_match_published_parameter_counts(flavor, total_b, active_range_b, with_mtp_t):
+def test_released_shapes_match_published_parameter_counts(flavor, backbone, active_range_b, with_mtp_t):
     args = deepseek_v4_args[flavor].replace()
+    assert args.mtp_layers == 1  # the released checkpoints carry one MTP depth
     with torch.device("meta"):
         model = DeepSeekV4Model(args)
-    total, active = count_params(args, model)
-    assert total == analytic_nparams(args)
-    if total_b is not None:
-        assert round(total / 1e9) == total_b
+    counts = count_param_groups(args, model)
+    assert counts.total == analytic_nparams(args.replace(mtp_layers=0))  # the MTP block is not built yet
+    assert counts.backbone_total == backbone
     if with_mtp_t is not None:
-        assert round((total + args.mtp_nparams()) / 1e12, 1) == with_mtp_t
-    assert active_range_b[0] * 1e9 <= active < active_range_b[1] * 1e9
+        assert round(analytic_nparams(args) / 1e12, 1) == with_mtp_t
+    assert active_range_b[0] * 1e9 <= counts.backbone_active < active_range_b[1] * 1e9
     nparams, flops = args.get_nparams_and_flops(model, 4096)
-    assert nparams == total and flops > 6 * active  # attention adds to 6 N_active
+    assert nparams == counts.total and flops > 6 * counts.active  # attention adds to 6 N_active
 
 
 def test_released_schedules():
@@ -49,6 +50,10 @@ def test_released_schedules():
 
 
 def test_flops_per_token_follow_the_spec_table():
-    # docs/dsv4-architecture.md section 10: train GFLOP/token at S=4096 is 85.6 (Flash), 312.3 (Pro)
-    assert round(deepseek_v4_args["flash"].train_flops_per_token(4096) / 1e9, 1) == 85.6
-    assert round(deepseek_v4_args["pro"].train_flops_per_token(4096) / 1e9, 1) == 312.3
+    # The DeepSeek-V4 architecture spec (section 10, shared notes): train GFLOP/token at S=4096 without
+    # MTP is 85.6 (Flash) and 312.3 (Pro).
+    for flavor, gflops in (("flash", 85.6), ("pro", 312.3)):
+        backbone = deepseek_v4_args[flavor].replace(mtp_layers=0)
+        assert round(train_flops_per_token(backbone, 4096) / 1e9, 1) == gflops
+        with_mtp = train_flops_per_token(deepseek_v4_args[flavor], 4096)
+        assert with_mtp > train_flops_per_token(backbone, 4096)

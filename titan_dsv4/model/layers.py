@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .args import DeepSeekV4ModelArgs
+from .args import DeepSeekV4ModelArgs, RopeTable
 
 
 class RMSNorm(nn.Module):
@@ -45,7 +45,7 @@ class ParamHolder(nn.Module):
 
 
 class RotaryTables(nn.Module):
-    """cos/sin of the "main" (plain) and "compress" (YaRN) tables, one row per absolute position."""
+    """cos/sin of the "main" and "compress" tables (``args.main_rope``, ``args.compress_rope``), one row per position."""
 
     def __init__(self, args: DeepSeekV4ModelArgs):
         super().__init__()
@@ -54,10 +54,10 @@ class RotaryTables(nn.Module):
 
     def _fill(self, device: torch.device | None) -> None:
         args = self.args
-        for name, inv_freq in (("main", main_inv_freq(args)), ("compress", compress_inv_freq(args))):
+        for name, table in (("main", args.main_rope), ("compress", args.compress_rope)):
             positions = torch.arange(args.max_seq_len, dtype=torch.float32, device=device)
             # fp32 elementwise product, never a (TF32) matmul.
-            angles = positions[:, None] * inv_freq.to(device)[None, :]
+            angles = positions[:, None] * inv_freq(table, args.rope_head_dim).to(device)[None, :]
             self.register_buffer(f"{name}_cos", angles.cos(), persistent=False)
             self.register_buffer(f"{name}_sin", angles.sin(), persistent=False)
 
@@ -76,26 +76,30 @@ class RotaryTables(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def main_inv_freq(args: DeepSeekV4ModelArgs) -> torch.Tensor:
-    r = args.rope_head_dim
-    return 1.0 / (args.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float32) / r))
+def inv_freq(table: RopeTable, r: int) -> torch.Tensor:
+    """Inverse frequencies of one table over ``r`` rotary channels, computed as transformers computes them.
 
-
-def compress_inv_freq(args: DeepSeekV4ModelArgs) -> torch.Tensor:
-    """YaRN inverse frequencies with the attention factor forced to 1 (no mscale on cos/sin)."""
-    r, base, factor = args.rope_head_dim, args.compress_rope_theta, args.rope_factor
+    YaRN: the ramp between extrapolated and interpolated frequencies only; the attention factor is 1
+    (no mscale on cos/sin; config.json translation refuses any other).
+    """
+    pos_freqs = table.theta ** (torch.arange(0, r, 2, dtype=torch.float32) / r)
+    if table.rope_type == "default":
+        return 1.0 / pos_freqs
 
     def corr(rotations: float) -> float:
-        return r * math.log(args.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        return (
+            r
+            * math.log(table.original_max_position_embeddings / (rotations * 2 * math.pi))
+            / (2 * math.log(table.theta))
+        )
 
-    low = max(math.floor(corr(args.beta_fast)), 0)
-    high = min(math.ceil(corr(args.beta_slow)), r - 1)
+    low = max(math.floor(corr(table.beta_fast)), 0)
+    high = min(math.ceil(corr(table.beta_slow)), r - 1)
     if low == high:
         high += 0.001
-    pos_freqs = base ** (torch.arange(0, r, 2, dtype=torch.float32) / r)
     ramp = ((torch.arange(r // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolation = 1 - ramp
-    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return (1.0 / (table.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,131 @@
+"""Parameter and FLOP accounting for DeepSeek-V4 (the spec's section 10), MTP depths included."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .args import DeepSeekV4ModelArgs
+
+MTP_PREFIX = "mtp."
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters of a built model; "active" counts routed experts at top_k / num_experts of their size."""
+
+    total: int
+    active: int
+    mtp_total: int  # part of total: the multi-token-prediction depths
+    mtp_active: int
+
+    @property
+    def backbone_total(self) -> int:
+        return self.total - self.mtp_total
+
+    @property
+    def backbone_active(self) -> int:
+        return self.active - self.mtp_active
+
+
+def count_param_groups(args: DeepSeekV4ModelArgs, model: nn.Module) -> ParamCounts:
+    """Counts by walking the model's parameters (a meta-device model allocates nothing)."""
+    sums = {"total": 0, "routed": 0, "mtp_total": 0, "mtp_routed": 0}
+    for name, p in model.named_parameters():
+        name = ".".join(s for s in name.split(".") if s not in ("_checkpoint_wrapped_module", "_orig_mod"))
+        routed = ".moe.experts." in name
+        sums["total"] += p.numel()
+        sums["routed"] += p.numel() if routed else 0
+        if name.startswith(MTP_PREFIX):
+            sums["mtp_total"] += p.numel()
+            sums["mtp_routed"] += p.numel() if routed else 0
+
+    def active(total: int, routed: int) -> int:
+        return total - routed + routed * args.moe_args.top_k // args.moe_args.num_experts
+
+    return ParamCounts(
+        total=sums["total"],
+        active=active(sums["total"], sums["routed"]),
+        mtp_total=sums["mtp_total"],
+        mtp_active=active(sums["mtp_total"], sums["mtp_routed"]),
+    )
+
+
+def count_params(args: DeepSeekV4ModelArgs, model: nn.Module) -> tuple[int, int]:
+    """(total, active per token) of everything built, MTP included.
+
+    The embedding is a lookup, not a matmul: not an active parameter for FLOPs, but it is counted in the
+    published "active" figures, so it stays in.
+    """
+    counts = count_param_groups(args, model)
+    return counts.total, counts.active
+
+
+def block_params(a: DeepSeekV4ModelArgs, ratio: int) -> int:
+    """Closed-form parameter count of one transformer block with compression ``ratio``."""
+    D, H, d, q, n = a.dim, a.n_heads, a.head_dim, a.q_lora_rank, a.hc_mult
+    E, inter = a.moe_args.num_experts, a.moe_inter_dim
+    attn = D * q + q + q * H * d + D * d + d + a.o_groups * a.o_lora_rank * (H * d // a.o_groups)
+    attn += a.o_groups * a.o_lora_rank * D + H
+    if ratio == a.hca_ratio:
+        attn += 2 * D * d + ratio * d + d
+    elif ratio == a.csa_ratio:
+        dI, nI = a.index_head_dim, a.index_n_heads
+        attn += 2 * D * 2 * d + ratio * 2 * d + d
+        attn += 2 * D * 2 * dI + ratio * 2 * dI + dI + q * nI * dI + D * nI
+    moe = E * D + E * 3 * D * inter + 3 * D * inter
+    hc = 2 * ((2 + n) * n * n * D + (2 + n) * n + 3)
+    return attn + moe + hc + 2 * D
+
+
+def mtp_depth_params(a: DeepSeekV4ModelArgs) -> int:
+    """One MTP depth: a sliding block, e_proj/h_proj, enorm/hnorm/norm and its own HyperHead."""
+    D, n = a.dim, a.hc_mult
+    return block_params(a, 0) + 2 * D * D + 3 * D + n * n * D + n + 1
+
+
+def analytic_nparams(a: DeepSeekV4ModelArgs) -> int:
+    """Closed-form parameter count (no model built), MTP depths included; cross-checks the meta model."""
+    n = a.hc_mult
+    total = 2 * a.vocab_size * a.dim + a.dim + n * n * a.dim + n + 1
+    total += sum(block_params(a, a.compress_ratios[i]) for i in range(a.n_layers))
+    return total + a.mtp_layers * mtp_depth_params(a)
+
+
+def _avg(f, seq_len: int) -> float:
+    return sum(f(t) for t in range(seq_len)) / seq_len
+
+
+def _block_forward_flops(a: DeepSeekV4ModelArgs, ratio: int, seq_len: int) -> float:
+    """Forward FLOPs per token of one block, averaged over positions of one seq_len document."""
+    D, H, d, q = a.dim, a.n_heads, a.head_dim, a.q_lora_rank
+    g, o, n = a.o_groups, a.o_lora_rank, a.hc_mult
+    nI, dI = a.index_n_heads, a.index_head_dim
+    E, k, inter = a.moe_args.num_experts, a.moe_args.top_k, a.moe_inter_dim
+    fwd = 2 * (D * q + q * H * d + D * d + H * d * o + g * o * D)
+    fwd += 2 * 2 * (2 + n) * n * (n * D)
+    fwd += 2 * E * D + 6 * D * inter * (k + 1)
+    cmp_keys = 0.0
+    if ratio == a.hca_ratio:
+        cmp_keys = _avg(lambda t: (t + 1) // a.hca_ratio, seq_len)
+        fwd += 2 * 2 * D * d
+    elif ratio == a.csa_ratio:
+        cmp_keys = _avg(lambda t: min(a.index_topk, (t + 1) // a.csa_ratio), seq_len)
+        fwd += 2 * 2 * D * 2 * d
+        fwd += 2 * 2 * D * 2 * dI + 2 * q * nI * dI + 2 * D * nI
+        fwd += 2 * nI * dI * _avg(lambda t: (t + 1) // a.csa_ratio, seq_len)
+    window = _avg(lambda t: min(t + 1, a.sliding_window), seq_len)
+    return fwd + 4 * H * d * (window + cmp_keys)
+
+
+def train_flops_per_token(a: DeepSeekV4ModelArgs, seq_len: int) -> float:
+    """Model FLOPs of the sparse computation per token (fwd+bwd = 3x fwd), averaged over positions.
+
+    Each MTP depth adds a sliding block, e_proj (once) and h_proj (per stream), its HyperHead and lm_head.
+    """
+    D, n, V = a.dim, a.hc_mult, a.vocab_size
+    fwd = 2 * V * D + 2 * n * n * D
+    fwd += sum(_block_forward_flops(a, a.compress_ratios[i], seq_len) for i in range(a.n_layers))
+    mtp = _block_forward_flops(a, 0, seq_len) + 2 * D * D + n * 2 * D * D + 2 * n * n * D + 2 * V * D
+    return 3 * (fwd + a.mtp_layers * mtp)
