@@ -74,22 +74,34 @@ def run_section(name: str, quick: bool, idle_budget: list[float]) -> dict:
     out = RESULTS / f".{name}.json"
     log = RESULTS / "logs" / f"{name}.log"
     out.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "dsv4_bench.run_section", name, "--out", str(out)] + (["--quick"] if quick else [])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+    }
+    cmd = [sys.executable, "-m", "dsv4_bench.run_section", name, "--out", str(out)] + (
+        ["--quick"] if quick else []
+    )
     busy = wait_for_idle(idle_budget)
     cpu0, ours0 = cpu_seconds()
     start = time.perf_counter()
     print(f"[bench] {name} ...", file=sys.stderr, flush=True)
     with open(log, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             proc.wait(timeout=TIMEOUT_S[name])
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the section's ranks and points die with it
             proc.wait()
-    record = json.loads(out.read_text()) if out.exists() else {
-        "error": f"section process exited with {proc.returncode} and no result; see {log.relative_to(ROOT)}"
-    }
+    record = (
+        json.loads(out.read_text())
+        if out.exists()
+        else {
+            "error": f"section process exited with {proc.returncode} and no result; see "
+            f"{log.relative_to(ROOT)}"
+        }
+    )
     out.unlink(missing_ok=True)
     wall = time.perf_counter() - start
     cpu1, ours1 = cpu_seconds()
@@ -142,8 +154,10 @@ def main() -> None:
     }
     (RESULTS / "bench.json").write_text(json.dumps(report, indent=1))
     print(text)
-    print(f"\nwrote {(RESULTS / 'bench.json').relative_to(ROOT)}"
-          + (f" and {plot_path.relative_to(ROOT)}" if attention else " (no plot: attention section failed)"))
+    print(
+        f"\nwrote {(RESULTS / 'bench.json').relative_to(ROOT)}"
+        + (f" and {plot_path.relative_to(ROOT)}" if attention else " (no plot: attention section failed)")
+    )
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ import math
 import os
 
 import torch
-from safetensors.torch import save_file
-
 from hf_reference import build_hf_model
+from safetensors.torch import save_file
 
 _GLOBAL = {
     "model.embed_tokens.weight": "embed.weight",
@@ -32,8 +31,12 @@ _GLOBAL = {
 _LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
-    "attn_hc.fn": "hc_attn_fn", "attn_hc.base": "hc_attn_base", "attn_hc.scale": "hc_attn_scale",
-    "ffn_hc.fn": "hc_ffn_fn", "ffn_hc.base": "hc_ffn_base", "ffn_hc.scale": "hc_ffn_scale",
+    "attn_hc.fn": "hc_attn_fn",
+    "attn_hc.base": "hc_attn_base",
+    "attn_hc.scale": "hc_attn_scale",
+    "ffn_hc.fn": "hc_ffn_fn",
+    "ffn_hc.base": "hc_ffn_base",
+    "ffn_hc.scale": "hc_ffn_scale",
     "self_attn.q_a_proj.weight": "attn.wq_a.weight",
     "self_attn.q_a_norm.weight": "attn.q_norm.weight",
     "self_attn.q_b_proj.weight": "attn.wq_b.weight",
@@ -60,14 +63,35 @@ _LAYER = {
     "mlp.shared_experts.down_proj.weight": "ffn.shared_experts.w2.weight",
 }
 # Stored FP8 in the released instruct checkpoints (dsv4-architecture.md §7.3); routed experts are FP4.
-_FP8 = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_a.weight", "attn.wo_b.weight",
-        "attn.indexer.wq_b.weight", "ffn.shared_experts.w1.weight", "ffn.shared_experts.w2.weight",
-        "ffn.shared_experts.w3.weight")
+_FP8 = (
+    "attn.wq_a.weight",
+    "attn.wq_b.weight",
+    "attn.wkv.weight",
+    "attn.wo_a.weight",
+    "attn.wo_b.weight",
+    "attn.indexer.wq_b.weight",
+    "ffn.shared_experts.w1.weight",
+    "ffn.shared_experts.w2.weight",
+    "ffn.shared_experts.w3.weight",
+)
 # Stored BF16 in those checkpoints; the mHC, HyperHead, sinks, ape and gate bias stay FP32.
-_BF16 = ("embed.weight", "head.weight", "norm.weight", "attn_norm.weight", "ffn_norm.weight", "attn.q_norm.weight",
-         "attn.kv_norm.weight", "attn.compressor.norm.weight", "attn.indexer.compressor.norm.weight",
-         "ffn.gate.weight", "attn.compressor.wkv.weight", "attn.compressor.wgate.weight",
-         "attn.indexer.compressor.wkv.weight", "attn.indexer.compressor.wgate.weight", "attn.indexer.weights_proj.weight")
+_BF16 = (
+    "embed.weight",
+    "head.weight",
+    "norm.weight",
+    "attn_norm.weight",
+    "ffn_norm.weight",
+    "attn.q_norm.weight",
+    "attn.kv_norm.weight",
+    "attn.compressor.norm.weight",
+    "attn.indexer.compressor.norm.weight",
+    "ffn.gate.weight",
+    "attn.compressor.wkv.weight",
+    "attn.compressor.wgate.weight",
+    "attn.indexer.compressor.wkv.weight",
+    "attn.indexer.compressor.wgate.weight",
+    "attn.indexer.weights_proj.weight",
+)
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
@@ -108,9 +132,14 @@ def legacy_config(args) -> dict:
     c = args.to_hf_config()
     for key in ("layer_types", "mlp_layer_types", "partial_rotary_factor", "compress_rates"):
         c.pop(key)
-    c.update(compress_ratios=list(args.compress_ratios) + [0], num_hash_layers=args.n_hash_layers,
-             qk_rope_head_dim=args.rope_head_dim, compress_rate_csa=args.csa_ratio, compress_rate_hca=args.hca_ratio,
-             num_nextn_predict_layers=1)
+    c.update(
+        compress_ratios=list(args.compress_ratios) + [0],
+        num_hash_layers=args.n_hash_layers,
+        qk_rope_head_dim=args.rope_head_dim,
+        compress_rate_csa=args.csa_ratio,
+        compress_rate_hca=args.hca_ratio,
+        num_nextn_predict_layers=1,
+    )
     return c
 
 
@@ -127,7 +156,9 @@ def quantize_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch
     padded[:rows, :cols] = w
     amax = padded.view(br, block, bc, block).abs().amax(dim=(1, 3)).clamp_min(1e-12)
     exponent = torch.ceil(torch.log2(amax / 448.0)).to(torch.int32)
-    scale = torch.pow(2.0, exponent.float()).repeat_interleave(block, 0).repeat_interleave(block, 1)[:rows, :cols]
+    scale = (
+        torch.pow(2.0, exponent.float()).repeat_interleave(block, 0).repeat_interleave(block, 1)[:rows, :cols]
+    )
     q = (w / scale).to(torch.float8_e4m3fn)
     return q, e8m0(exponent), q.float() * scale
 
@@ -167,8 +198,11 @@ def write_shards(folder: str, tensors: dict[str, torch.Tensor], config: dict, n_
     files = [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
     weight_map = {k: files[i % n_shards] for i, k in enumerate(names)}
     for f in files:
-        save_file({k: tensors[k].contiguous() for k in names if weight_map[k] == f}, os.path.join(folder, f),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: tensors[k].contiguous() for k in names if weight_map[k] == f},
+            os.path.join(folder, f),
+            metadata={"format": "pt"},
+        )
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fh:
         json.dump({"metadata": {}, "weight_map": weight_map}, fh)
     with open(os.path.join(folder, "config.json"), "w") as fh:
@@ -177,8 +211,11 @@ def write_shards(folder: str, tensors: dict[str, torch.Tensor], config: dict, n_
 
 def mtp_tensors(args) -> dict[str, torch.Tensor]:
     """A few of the released MTP block's tensors (not trained here; the loader must skip them)."""
-    return {"mtp.0.e_proj.weight": torch.zeros(args.dim, args.dim), "mtp.0.enorm.weight": torch.ones(args.dim),
-            "mtp.0.attn.wq_a.weight": torch.zeros(args.q_lora_rank, args.dim)}
+    return {
+        "mtp.0.e_proj.weight": torch.zeros(args.dim, args.dim),
+        "mtp.0.enorm.weight": torch.ones(args.dim),
+        "mtp.0.attn.wq_a.weight": torch.zeros(args.q_lora_rank, args.dim),
+    }
 
 
 def reference_with(hf_model, values: dict[str, torch.Tensor], n_experts: int):
@@ -217,24 +254,35 @@ def make_checkpoints(root: str, seed: int = 0) -> dict:
     released = released_tensors(hf.state_dict(), n_experts)
     write_shards(folders["released"], {**released, **mtp_tensors(args)}, legacy_config(args))
     stored, values = quantize_released(released, seed)
-    config = {**legacy_config(args), "quantization_config": {
-        "quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}}
+    config = {
+        **legacy_config(args),
+        "quantization_config": {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "scale_fmt": "ue8m0",
+            "weight_block_size": [128, 128],
+        },
+    }
     write_shards(folders["quantized"], {**stored, **mtp_tensors(args)}, config, n_shards=3)
-    return {"folders": folders, "hf": hf, "quantized_reference": reference_with(hf, values, n_experts),
-            "values": values}
+    return {
+        "folders": folders,
+        "hf": hf,
+        "quantized_reference": reference_with(hf, values, n_experts),
+        "values": values,
+    }
 
 
 def load_through_adapter(folder: str, args=None):
     """Our model loaded through the adapter exactly as Titan's HF load does: to_hf -> reader -> from_hf."""
     import torch.distributed.checkpoint as dcp
 
+    from titan_dsv4.checkpoint.adapter import DeepSeekV4CheckpointAdapter
     from titan_dsv4.model import DeepSeekV4Model
-    from titan_dsv4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
 
     args = args or debug_args().replace(max_seq_len=256)
     model = DeepSeekV4Model(args)
     model.init_weights()
-    adapter = DeepSeekV4StateDictAdapter(args, None)
+    adapter = DeepSeekV4CheckpointAdapter(args, None)
     hf_state = adapter.to_hf(model.state_dict())
     dcp.load(hf_state, storage_reader=adapter.get_hf_storage_reader(folder), no_dist=True)
     model.load_state_dict(adapter.from_hf(hf_state))

@@ -39,30 +39,41 @@ def _reset_peak_rss() -> None:
 def model_args(dim: int, experts: int, layers: int):
     from checkpoint_fixtures import debug_args
 
-    args = debug_args().replace(dim=dim, n_layers=layers, moe_inter_dim=dim, vocab_size=8192,
-                                compress_ratios=[0, 4, 128, 4][:layers] + [4] * max(0, layers - 4))
+    args = debug_args().replace(
+        dim=dim,
+        n_layers=layers,
+        moe_inter_dim=dim,
+        vocab_size=8192,
+        compress_ratios=[0, 4, 128, 4][:layers] + [4] * max(0, layers - 4),
+    )
     args.moe_args.num_experts = experts
     return args
 
 
 def write_checkpoints(root: str, args) -> dict[str, str]:
     """transformers-named fp32 shards, and the released FP8/FP4 twin (random values, valid formats)."""
+    from checkpoint_fixtures import quantize_released, released_tensors, write_shards
     from safetensors.torch import save_file
 
-    from checkpoint_fixtures import quantize_released, released_tensors, write_shards
+    from titan_dsv4.checkpoint.adapter import DeepSeekV4CheckpointAdapter
     from titan_dsv4.model import DeepSeekV4Model
-    from titan_dsv4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
 
     model = DeepSeekV4Model(args)
     model.init_weights()
-    hf = {k: v.contiguous() for k, v in DeepSeekV4StateDictAdapter(args, None).to_hf(model.state_dict()).items()}
+    hf = {
+        k: v.contiguous()
+        for k, v in DeepSeekV4CheckpointAdapter(args, None).to_hf(model.state_dict()).items()
+    }
     del model
     folders = {"fp32": os.path.join(root, "fp32"), "fp8_fp4": os.path.join(root, "fp8_fp4")}
     os.makedirs(folders["fp32"], exist_ok=True)
     names = sorted(hf)
     for i in range(4):
-        save_file({k: hf[k] for k in names[i::4]}, os.path.join(folders["fp32"], f"model-{i + 1:05d}-of-00004.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: hf[k] for k in names[i::4]},
+            os.path.join(folders["fp32"], f"model-{i + 1:05d}-of-00004.safetensors"),
+            metadata={"format": "pt"},
+        )
     with open(os.path.join(folders["fp32"], "config.json"), "w") as f:
         json.dump(args.to_hf_config(), f)
     stored, _ = quantize_released(released_tensors(hf, args.moe_args.num_experts))
@@ -75,8 +86,8 @@ def _load_on_rank(rank: int, world: int, folder: str, args) -> dict:
     from torchtitan.components.checkpoint import CheckpointManager
     from torchtitan.config import Checkpoint
 
+    from titan_dsv4.checkpoint.adapter import DeepSeekV4CheckpointAdapter
     from titan_dsv4.model import DeepSeekV4Model
-    from titan_dsv4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
 
     with torch.device("meta"):
         model = DeepSeekV4Model(args)
@@ -87,11 +98,19 @@ def _load_on_rank(rank: int, world: int, folder: str, args) -> dict:
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()  # touch every page: the shard is really resident before the load
-    adapter = DeepSeekV4StateDictAdapter(args, None)
+    adapter = DeepSeekV4CheckpointAdapter(args, None)
     with tempfile.TemporaryDirectory() as dump:
         cfg = Checkpoint(enable=True, initial_load_path=folder, initial_load_in_hf=True)
-        manager = CheckpointManager(dataloader=None, model_parts=[model], optimizers=None, lr_schedulers=None,
-                                    states={}, checkpoint_config=cfg, sd_adapter=adapter, base_folder=dump)
+        manager = CheckpointManager(
+            dataloader=None,
+            model_parts=[model],
+            optimizers=None,
+            lr_schedulers=None,
+            states={},
+            checkpoint_config=cfg,
+            sd_adapter=adapter,
+            base_folder=dump,
+        )
         before = _status_kib("VmRSS")
         _reset_peak_rss()
         start = time.perf_counter()
@@ -99,12 +118,22 @@ def _load_on_rank(rank: int, world: int, folder: str, args) -> dict:
         seconds = time.perf_counter() - start
         peak = _status_kib("VmHWM")
     shard = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
-    return {"rss_before_mib": before / 1024, "peak_mib": peak / 1024, "increase_mib": (peak - before) / 1024,
-            "model_shard_mib": shard / 2**20, "seconds": seconds}
+    return {
+        "rss_before_mib": before / 1024,
+        "peak_mib": peak / 1024,
+        "increase_mib": (peak - before) / 1024,
+        "model_shard_mib": shard / 2**20,
+        "seconds": seconds,
+    }
 
 
 def folder_mib(folder: str) -> float:
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors")) / 2**20
+    return (
+        sum(
+            os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors")
+        )
+        / 2**20
+    )
 
 
 def main() -> None:
@@ -124,8 +153,12 @@ def main() -> None:
             results = run_on_ranks(_load_on_rank, 2, folder, args, timeout=900)
             print(f"{name}: checkpoint {folder_mib(folder):.0f} MiB on disk")
             for rank, r in enumerate(results):
-                print(f"  rank {rank}: model shard {r['model_shard_mib']:.0f} MiB, RSS before load {r['rss_before_mib']:.0f} MiB, "
-                      f"peak RSS during load {r['peak_mib']:.0f} MiB (+{r['increase_mib']:.0f} MiB), {r['seconds']:.1f} s")
+                print(
+                    f"  rank {rank}: model shard {r['model_shard_mib']:.0f} MiB, RSS before load "
+                    f"{r['rss_before_mib']:.0f} MiB, "
+                    f"peak RSS during load {r['peak_mib']:.0f} MiB (+{r['increase_mib']:.0f} MiB), "
+                    f"{r['seconds']:.1f} s"
+                )
 
 
 if __name__ == "__main__":

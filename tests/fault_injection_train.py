@@ -1,6 +1,6 @@
 """Train entry for the fault tests (``TRAIN_FILE=fault_injection_train``, with tests/ on PYTHONPATH).
 
-It is ``titan_dsv4.train`` plus one injected interruption, chosen by environment variables:
+It is ``titan_dsv4.train`` (our Trainer) plus one injected interruption, chosen by environment variables:
   * ``DSV4_KILL_AT=stop:N``: every rank stops cleanly after step N (the schedule still says training.steps);
   * ``DSV4_KILL_RANK``: the rank that dies in the two kills below (SIGKILL, as the OOM killer or a lost
     node would end it);
@@ -17,10 +17,11 @@ import os
 import signal
 import time
 
-import titan_dsv4  # noqa: F401  (CPU support + train spec registration, before torchtitan)
-
 from torch.distributed.checkpoint.filesystem import FileSystemWriter  # noqa: E402
-from torchtitan.train import Trainer, main  # noqa: E402
+from torchtitan.train import main  # noqa: E402
+
+import titan_dsv4  # noqa: F401  (CPU support + train spec registration, before torchtitan)
+from titan_dsv4.trainer import DeepSeekV4Trainer as Trainer  # noqa: E402
 
 
 def _die() -> None:

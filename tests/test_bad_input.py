@@ -36,7 +36,9 @@ def test_inconsistent_layer_schedule(debug_args):
 
 
 def test_seq_len_the_compressors_cannot_serve(debug_args):
-    with pytest.raises(ConfigError, match=r"seq_len=100 is shorter than the HCA compression ratio 128.*at least 128"):
+    with pytest.raises(
+        ConfigError, match=r"seq_len=100 is shorter than the HCA compression ratio 128.*at least 128"
+    ):
         debug_args.update_from_config(_job(seq_len=100))
     debug_args.replace().update_from_config(_job(seq_len=128))  # one complete HCA window is enough
 
@@ -60,17 +62,24 @@ def test_unimplemented_parallelism_is_refused_before_any_change(debug_args):
     from titan_dsv4.infra.parallelize import UnsupportedParallelismError, refuse_unimplemented_parallelism
 
     class Dims:
-        tp, cp, pp, ep = 2, 1, 1, 2
+        tp, cp, pp, ep = 2, 1, 2, 1
 
-    job = _job()
-    with pytest.raises(UnsupportedParallelismError, match="tensor_parallel_degree=2, parallelism.expert_parallel_degree=2"):
-        refuse_unimplemented_parallelism(Dims(), job)
+    with pytest.raises(
+        UnsupportedParallelismError, match="tensor_parallel_degree=2, parallelism.pipeline_parallel_degree=2"
+    ):
+        refuse_unimplemented_parallelism(Dims())
 
 
 def _tiny_tokenizer_json(n: int) -> dict:
     vocab = {f"t{i}": i for i in range(n)}
     return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
     }

@@ -12,13 +12,19 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from checkpoint_fixtures import debug_args, load_through_adapter, make_checkpoints
 from titan_runs import ROOT, bytes_read, first_global_batch, losses, run_train
 
 TOL = 1e-4
-HF_LOAD = ["--training.steps", "1", "--training.mixed_precision_param", "float32", "--checkpoint.enable",
-           "--checkpoint.initial_load_in_hf", "--checkpoint.last_save_model_only"]
+HF_LOAD = [
+    "--training.steps",
+    "1",
+    "--training.mixed_precision_param",
+    "float32",
+    "--checkpoint.enable",
+    "--checkpoint.initial_load_in_hf",
+    "--checkpoint.last_save_model_only",
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +60,25 @@ def _assert_each_rank_read_its_half(log: str) -> None:
 def test_save_pretrained_folder_trains_and_exports_a_folder_transformers_loads(checkpoints, batch, tmp_path):
     from transformers import DeepseekV4ForCausalLM
 
-    rc, log = run_train([*HF_LOAD, "--checkpoint.initial_load_path", checkpoints["folders"]["save_pretrained"],
-                         "--checkpoint.last_save_in_hf", "--job.dump_folder", str(tmp_path)])
+    rc, log = run_train(
+        [
+            *HF_LOAD,
+            "--checkpoint.initial_load_path",
+            checkpoints["folders"]["save_pretrained"],
+            "--checkpoint.last_save_in_hf",
+            "--job.dump_folder",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0, log[-4000:]
     assert "transformers save_pretrained layout, 122 tensors" in log
     _assert_first_step_matches(log, _transformers_loss(checkpoints["hf"], batch))
     _assert_each_rank_read_its_half(log)
 
     export = tmp_path / "checkpoint" / "step-1"
-    hf, info = DeepseekV4ForCausalLM.from_pretrained(str(export), dtype=torch.float32, output_loading_info=True)
+    hf, info = DeepseekV4ForCausalLM.from_pretrained(
+        str(export), dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     ours = _our_model_from(str(export))
     tokens = batch[0][:2, :300]
@@ -87,7 +103,9 @@ def test_released_folder_loads_through_the_generated_toml(checkpoints, batch, tm
     from titan_dsv4.checkpoint.convert_config import render
 
     config = tmp_path / "from_checkpoint.toml"
-    config.write_text(render(checkpoints["folders"]["released"], str(ROOT / "train_configs" / "debug_model.toml")))
+    config.write_text(
+        render(checkpoints["folders"]["released"], str(ROOT / "train_configs" / "debug_model.toml"))
+    )
     rc, log = run_train(["--config", str(config), *HF_LOAD[:4], "--job.dump_folder", str(tmp_path)])
     assert rc == 0, log[-4000:]
     assert "released layout, 122 tensors, 3 MTP tensors not trained here" in log
@@ -96,8 +114,15 @@ def test_released_folder_loads_through_the_generated_toml(checkpoints, batch, tm
 
 
 def test_fp8_fp4_released_folder_is_dequantized_on_load(checkpoints, batch, tmp_path):
-    rc, log = run_train([*HF_LOAD, "--checkpoint.initial_load_path", checkpoints["folders"]["quantized"],
-                         "--job.dump_folder", str(tmp_path)])
+    rc, log = run_train(
+        [
+            *HF_LOAD,
+            "--checkpoint.initial_load_path",
+            checkpoints["folders"]["quantized"],
+            "--job.dump_folder",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0, log[-4000:]
     assert "FP8/FP4 dequantized on read" in log
     _assert_first_step_matches(log, _transformers_loss(checkpoints["quantized_reference"], batch))
@@ -113,14 +138,29 @@ def test_released_folder_as_hf_assets_path_exports_in_its_shards(checkpoints, ba
     shutil.copytree(checkpoints["folders"]["released"], assets)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ROOT / "titan_dsv4" / "assets" / "tokenizer" / f, assets / f)
-    rc, log = run_train([*HF_LOAD, "--model.hf_assets_path", str(assets), "--checkpoint.last_save_in_hf",
-                         "--job.dump_folder", str(tmp_path / "run")])
+    rc, log = run_train(
+        [
+            *HF_LOAD,
+            "--model.hf_assets_path",
+            str(assets),
+            "--checkpoint.last_save_in_hf",
+            "--job.dump_folder",
+            str(tmp_path / "run"),
+        ]
+    )
     assert rc == 0, log[-4000:]
     _assert_first_step_matches(log, _transformers_loss(checkpoints["hf"], batch))
     export = tmp_path / "run" / "checkpoint" / "step-1"
-    assert {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-            "model-hash-tables.safetensors"} <= {p.name for p in export.iterdir()}
-    hf, info = DeepseekV4ForCausalLM.from_pretrained(str(export), dtype=torch.float32, output_loading_info=True)
+    assert {
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model-hash-tables.safetensors",
+    } <= {p.name for p in export.iterdir()}
+    hf, info = DeepseekV4ForCausalLM.from_pretrained(
+        str(export), dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    assert torch.equal(hf.state_dict()["model.layers.1.mlp.gate.tid2eid"],
-                       checkpoints["hf"].state_dict()["model.layers.1.mlp.gate.tid2eid"])
+    assert torch.equal(
+        hf.state_dict()["model.layers.1.mlp.gate.tid2eid"],
+        checkpoints["hf"].state_dict()["model.layers.1.mlp.gate.tid2eid"],
+    )

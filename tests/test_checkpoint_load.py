@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import tomllib
 
 import pytest
 import torch
-import tomllib
-
 from checkpoint_fixtures import debug_args, load_through_adapter, make_checkpoints
 from titan_runs import ROOT
 
@@ -43,16 +42,18 @@ def test_quantized_fixture_really_is_quantized(checkpoints):
 
     stored = scan_folder(checkpoints["folders"]["quantized"])
     assert stored["layers.1.attn.wq_b.weight"].dtype == "F8_E4M3"
-    assert stored["layers.1.attn.wq_b.scale"].dtype == "F8_E8M0" and stored["layers.1.attn.wq_b.scale"].shape == (4, 1)
+    assert stored["layers.1.attn.wq_b.scale"].dtype == "F8_E8M0" and stored[
+        "layers.1.attn.wq_b.scale"
+    ].shape == (4, 1)
     assert stored["layers.2.ffn.experts.5.w2.weight"].dtype == "I8"
     assert stored["layers.2.ffn.experts.5.w2.weight"].shape == (256, 64)  # [D, I/2]
     assert stored["layers.2.ffn.experts.5.w2.scale"].shape == (256, 4)  # [D, I/32]
 
 
 def test_released_index_at_hf_assets_path_is_translated_for_exports(checkpoints):
-    from titan_dsv4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
+    from titan_dsv4.checkpoint.adapter import DeepSeekV4CheckpointAdapter
 
-    adapter = DeepSeekV4StateDictAdapter(debug_args(), checkpoints["folders"]["released"])
+    adapter = DeepSeekV4CheckpointAdapter(debug_args(), checkpoints["folders"]["released"])
     exported = {k for k in adapter.expected_hf_shapes() if not k.endswith("tid2eid")}  # hash tables: own file
     assert set(adapter.fqn_to_index_mapping) == exported  # every exported tensor has a shard, nothing more
     assert adapter.fqn_to_index_mapping["model.layers.0.mlp.experts.gate_up_proj"] in (1, 2)
@@ -63,27 +64,33 @@ def test_convert_config_names_the_flavor_and_loads_the_folder(checkpoints, tmp_p
 
     folder = checkpoints["folders"]["quantized"]
     doc = tomllib.loads(render(folder, str(ROOT / "train_configs" / "debug_model.toml")))
-    assert doc["model"] == {"name": "deepseek_v4", "flavor": "debugmodel", "hf_assets_path": "./titan_dsv4/assets/tokenizer"}
-    assert doc["checkpoint"]["initial_load_path"] == folder and doc["checkpoint"]["initial_load_in_hf"] is True
+    assert doc["model"] == {
+        "name": "deepseek_v4",
+        "flavor": "debugmodel",
+        "hf_assets_path": "./titan_dsv4/assets/tokenizer",
+    }
+    assert (
+        doc["checkpoint"]["initial_load_path"] == folder and doc["checkpoint"]["initial_load_in_hf"] is True
+    )
     assert doc["training"]["dataset"] == "dsv4_corpus"  # the base config's other sections are kept
     assert main([str(tmp_path / "nowhere")]) == 2
 
 
 def test_a_config_no_flavor_matches_gets_a_checkpoint_flavor(checkpoints, tmp_path):
     from titan_dsv4.checkpoint.hf_config import checkpoint_overrides, model_args_from_checkpoint
-    from titan_dsv4.flavors import UnknownFlavorError, deepseek_v4_args
+    from titan_dsv4.flavors import deepseek_v4_args
 
     folder = tmp_path / "two_layers"
     shutil.copytree(checkpoints["folders"]["save_pretrained"], folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(num_hidden_layers=2, layer_types=config["layer_types"][:2], mlp_layer_types=config["mlp_layer_types"][:2])
+    config.update(
+        num_hidden_layers=2,
+        layer_types=config["layer_types"][:2],
+        mlp_layer_types=config["mlp_layer_types"][:2],
+    )
     (folder / "config.json").write_text(json.dumps(config))
     args = model_args_from_checkpoint(str(folder))
     assert args.n_layers == 2 and args.compress_ratios == [0, 4]
     flavor = checkpoint_overrides(str(folder))["model"]["flavor"]
     assert flavor == f"hf:{folder}"
-    try:
-        built = deepseek_v4_args[flavor]
-    except UnknownFlavorError:
-        pytest.skip("titan_dsv4.flavors does not resolve hf:DIR flavors yet (hook requested)")
-    assert built == args
+    assert deepseek_v4_args[flavor] == args

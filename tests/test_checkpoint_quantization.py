@@ -50,19 +50,32 @@ def test_e8m0_scales_are_exact_powers_of_two():
 
 def test_fp8_blocks_by_hand():
     weight = _e4m3([[0x38, 0x40, 0x3C], [0xB8, 0x30, 0x38], [0x7E, 0x01, 0x00]])
-    scale = _e8m0([[127, 128], [126, 125]])  # blocks of 2x2: [[1, 2], [0.5, 0.25]]; the last row/column partial
+    scale = _e8m0(
+        [[127, 128], [126, 125]]
+    )  # blocks of 2x2: [[1, 2], [0.5, 0.25]]; the last row/column partial
     enc = Encoding("fp8", block=(2, 2))
     want = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 2.0], [224.0, 2.0**-10, 0.0]])
     assert torch.equal(dequantize_box(weight, scale, _full((3, 3)), enc), want)
-    assert torch.equal(dequantize_box(weight, scale, ((1, 3), (1, 3)), enc), torch.tensor([[0.5, 2.0], [2.0**-10, 0.0]]))
+    assert torch.equal(
+        dequantize_box(weight, scale, ((1, 3), (1, 3)), enc), torch.tensor([[0.5, 2.0], [2.0**-10, 0.0]])
+    )
 
 
 def test_fp8_128_blocks_with_partial_edge_blocks():
     weight = _e4m3([[0x38] * 260] * 130)  # every value 1.0: what comes out is the block scale
-    scale = _e8m0([[127, 128, 129], [126, 125, 124]])  # [[1, 2, 4], [0.5, 0.25, 0.125]], shape [ceil(130/128), ceil(260/128)]
+    scale = _e8m0(
+        [[127, 128, 129], [126, 125, 124]]
+    )  # [[1, 2, 4], [0.5, 0.25, 0.125]], shape [ceil(130/128), ceil(260/128)]
     enc = Encoding("fp8", block=(128, 128))
     out = dequantize_box(weight, scale, _full((130, 260)), enc)
-    for (r, c), v in {(0, 0): 1.0, (127, 255): 2.0, (0, 256): 4.0, (128, 0): 0.5, (129, 200): 0.25, (129, 259): 0.125}.items():
+    for (r, c), v in {
+        (0, 0): 1.0,
+        (127, 255): 2.0,
+        (0, 256): 4.0,
+        (128, 0): 0.5,
+        (129, 200): 0.25,
+        (129, 259): 0.125,
+    }.items():
         assert out[r, c].item() == v, (r, c)
     box = dequantize_box(weight, scale, ((120, 130), (250, 260)), enc)
     assert torch.equal(box, out[120:130, 250:260])
@@ -88,7 +101,9 @@ def test_fp4_box_across_two_scale_groups():
 
 
 @pytest.mark.parametrize("part_elements, remap_bytes", [(8 * 2**20, 64 * 2**20), (3, 1)])
-def test_reader_serves_released_quantized_tensors_as_transformers_tensors(tmp_path, monkeypatch, part_elements, remap_bytes):
+def test_reader_serves_released_quantized_tensors_as_transformers_tensors(
+    tmp_path, monkeypatch, part_elements, remap_bytes
+):
     """Through DCP, as Titan loads: an FP8 weight whose scale sits in another shard, and FP4 experts stacked.
 
     The second run reads in parts of 3 values and reopens the shard after every part: same result.
@@ -97,12 +112,17 @@ def test_reader_serves_released_quantized_tensors_as_transformers_tensors(tmp_pa
 
     monkeypatch.setattr(reader, "_PART_ELEMENTS", part_elements)
     monkeypatch.setattr(reader, "_REMAP_BYTES", remap_bytes)
-    from titan_dsv4.model.state_dict_adapter import disk_slot
+    from titan_dsv4.checkpoint.layouts import disk_slot
 
     w = _e4m3([[0x38, 0x40], [0xB8, 0x30]])
-    experts = {f"layers.0.ffn.experts.{j}.{n}.weight": _bytes([[0x22 * (j + 1)] * 16] * 2, torch.int8)
-               for j in range(2) for n in ("w1", "w3")}
-    expert_scales = {k.replace(".weight", ".scale"): _e8m0([[127 + i]] * 2) for i, k in enumerate(sorted(experts))}
+    experts = {
+        f"layers.0.ffn.experts.{j}.{n}.weight": _bytes([[0x22 * (j + 1)] * 16] * 2, torch.int8)
+        for j in range(2)
+        for n in ("w1", "w3")
+    }
+    expert_scales = {
+        k.replace(".weight", ".scale"): _e8m0([[127 + i]] * 2) for i, k in enumerate(sorted(experts))
+    }
     save_file({"layers.0.attn.wq_a.weight": w, **experts}, str(tmp_path / "a.safetensors"))
     save_file({"layers.0.attn.wq_a.scale": _e8m0([[128]]), **expert_scales}, str(tmp_path / "b.safetensors"))
     plan = plan_checkpoint(str(tmp_path), "released", scan_folder(str(tmp_path)), disk_slot)
@@ -115,24 +135,38 @@ def test_reader_serves_released_quantized_tensors_as_transformers_tensors(tmp_pa
     sorted_keys = sorted(experts)
     for j in range(2):
         for half, name in enumerate(("w1", "w3")):
-            value = (1.0 if j == 0 else 2.0) * 2.0 ** sorted_keys.index(f"layers.0.ffn.experts.{j}.{name}.weight")
+            value = (1.0 if j == 0 else 2.0) * 2.0 ** sorted_keys.index(
+                f"layers.0.ffn.experts.{j}.{name}.weight"
+            )
             assert torch.all(target[gate_up][j, 2 * half : 2 * half + 2] == value), (j, name)
 
 
 def test_quantized_storage_without_a_matching_scale_is_refused(tmp_path):
-    from titan_dsv4.model.state_dict_adapter import disk_slot
+    from titan_dsv4.checkpoint.layouts import disk_slot
 
     save_file({"layers.0.attn.wq_a.weight": _e4m3([[0x38] * 4] * 4)}, str(tmp_path / "a.safetensors"))
     with pytest.raises(CheckpointError, match=r"stored as F8_E4M3 but has no '\.scale' companion"):
         plan_checkpoint(str(tmp_path), "released", scan_folder(str(tmp_path)), disk_slot)
-    save_file({"layers.0.attn.wq_a.weight": _e4m3([[0x38] * 4] * 4), "layers.0.attn.wq_a.scale": _e8m0([[127, 127]])},
-              str(tmp_path / "a.safetensors"))
-    with pytest.raises(CheckpointError, match=r"scale 'layers.0.attn.wq_a.scale' has shape \[1, 2\].*needs \[1, 1\]"):
+    save_file(
+        {
+            "layers.0.attn.wq_a.weight": _e4m3([[0x38] * 4] * 4),
+            "layers.0.attn.wq_a.scale": _e8m0([[127, 127]]),
+        },
+        str(tmp_path / "a.safetensors"),
+    )
+    with pytest.raises(
+        CheckpointError, match=r"scale 'layers.0.attn.wq_a.scale' has shape \[1, 2\].*needs \[1, 1\]"
+    ):
         plan_checkpoint(str(tmp_path), "released", scan_folder(str(tmp_path)), disk_slot)
 
 
 def test_split_box_covers_the_box_in_bounded_parts():
     box = ((3, 4), (0, 10), (5, 9))  # a stacked piece: the leading dimension has length 1
     parts = split_box(box, 12)
-    assert parts == [((3, 4), (0, 3), (5, 9)), ((3, 4), (3, 6), (5, 9)), ((3, 4), (6, 9), (5, 9)), ((3, 4), (9, 10), (5, 9))]
+    assert parts == [
+        ((3, 4), (0, 3), (5, 9)),
+        ((3, 4), (3, 6), (5, 9)),
+        ((3, 4), (6, 9), (5, 9)),
+        ((3, 4), (9, 10), (5, 9)),
+    ]
     assert split_box(box, 40) == [box]

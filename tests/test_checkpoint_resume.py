@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from titan_runs import RESUMABLE, losses, run_train, run_with_fault
 
 EXIT_BOUND_S = 60  # a killed rank must bring the whole job down within this (measured: about 1 s)
@@ -37,7 +36,8 @@ def _differences(a, b, path: str = "") -> list[str]:
         return [d for k in a for d in _differences(a[k], b[k], f"{path}/{k}")]
     if isinstance(a, (list, tuple)):
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")] or (
-            [] if len(a) == len(b) else [path + " (length)"])
+            [] if len(a) == len(b) else [path + " (length)"]
+        )
     return [] if a == b else [path]
 
 
@@ -47,7 +47,7 @@ def _digest(folder: Path) -> dict[str, str]:
 
 def test_optimizer_state_completed_for_a_save_changes_no_training():
     """A parameter without gradients gets the entry the optimizer would create itself, and no value moves."""
-    from titan_dsv4.checkpoint.hooks import complete_optimizer_state
+    from titan_dsv4.checkpoint.manager import complete_optimizer_state
 
     def train(complete: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
@@ -56,7 +56,9 @@ def test_optimizer_state_completed_for_a_save_changes_no_training():
         container = type("Container", (), {"optimizers": [opt]})
         for step in range(4):
             opt.zero_grad()
-            ((a * a).sum() + ((late * late).sum() if step >= 2 else 0)).backward()  # `late` learns from step 2
+            (
+                (a * a).sum() + ((late * late).sum() if step >= 2 else 0)
+            ).backward()  # `late` learns from step 2
             opt.step()
             if step == 0 and complete:
                 complete_optimizer_state(container)
@@ -98,8 +100,12 @@ def test_checkpoint_holds_everything_a_resume_needs(straight):
     assert all(state[f"layers.{i}.moe.expert_bias"].abs().sum() > 0 for i in (2, 3))
     assert all(state[f"layers.{i}.moe.router.tid2eid"].dtype == torch.int64 for i in (0, 1))
     # fp32 islands (mHC, HyperHead, sinks, compressor position bias) and their AdamW moments
-    for key in ("layers.0.attn_hc.fn", "hc_head.hc_fn", "layers.0.self_attn.sinks_param.weight",
-                "layers.1.self_attn.compressor.ape_param.weight"):
+    for key in (
+        "layers.0.attn_hc.fn",
+        "hc_head.hc_fn",
+        "layers.0.self_attn.sinks_param.weight",
+        "layers.1.self_attn.compressor.ape_param.weight",
+    ):
         assert state[key].dtype == torch.float32, key
         assert state["optimizer"][f"state.{key}.exp_avg_sq"].abs().sum() > 0, key
     # the indexer gets no gradient, yet its optimizer entries are saved: a resumed optimizer asks for them
@@ -126,7 +132,10 @@ def test_rank_killed_while_saving_leaves_a_half_written_folder_that_is_never_loa
     half = tmp_path / "checkpoint" / "step-10"
     assert (half / "__1_0.distcp").exists() and not (half / ".metadata").exists()
     log = _resume_matches(tmp_path, straight, tmp_path)
-    assert "Loading the checkpoint from" in log and "step-5" in log.split("Loading the checkpoint from", 1)[1][:200]
+    assert (
+        "Loading the checkpoint from" in log
+        and "step-5" in log.split("Loading the checkpoint from", 1)[1][:200]
+    )
 
 
 def test_rank_killed_mid_step_ends_the_job_within_the_bound(straight, tmp_path):
@@ -143,10 +152,14 @@ def test_rank_killed_mid_step_ends_the_job_within_the_bound(straight, tmp_path):
 def test_bad_degrees_on_a_folder_with_checkpoints_stop_before_anything_is_written(straight):
     dump = straight[0]
     before = {step: _digest(dump / "checkpoint" / step) for step in ("step-5", "step-10")}
-    rc, log = run_train([*RESUMABLE, "--parallelism.data_parallel_shard_degree", "3", "--job.dump_folder", str(dump)],
-                        timeout=120)
+    rc, log = run_train(
+        [*RESUMABLE, "--parallelism.data_parallel_shard_degree", "3", "--job.dump_folder", str(dump)],
+        timeout=120,
+    )
     assert rc != 0
-    assert ("ConfigError: parallelism degrees do not match the world size: data_parallel_shard_degree=3 x 1 = 3 "
-            "ranks, but the job has 2. Set --parallelism.data_parallel_shard_degree -1") in log
+    assert (
+        "ConfigError: parallelism degrees do not match the world size: data_parallel_shard_degree=3 x 1 = 3 "
+        "ranks, but the job has 2. Set --parallelism.data_parallel_shard_degree -1"
+    ) in log
     assert not losses(log)
     assert before == {step: _digest(dump / "checkpoint" / step) for step in ("step-5", "step-10")}

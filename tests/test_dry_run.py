@@ -27,10 +27,14 @@ def _plans(rank, world_size):
 
     plans = []
     for config, world, replicate in CASES:
-        job = ConfigManager().parse_args([
-            "--job.config_file", str(ROOT / "train_configs" / config),
-            "--parallelism.data_parallel_replicate_degree", str(replicate),
-        ])
+        job = ConfigManager().parse_args(
+            [
+                "--job.config_file",
+                str(ROOT / "train_configs" / config),
+                "--parallelism.data_parallel_replicate_degree",
+                str(replicate),
+            ]
+        )
         init_fake_mode(world, "fake_backend")
         plans.append(build_plan(job, world))
         dist.destroy_process_group()
@@ -60,9 +64,20 @@ def test_flash_and_pro_plans_at_64_and_256_ranks():
 def test_launcher_dry_run_prints_the_plan(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "COMM_MODE": "fake_backend", "NGPU": "64"}
     proc = subprocess.run(
-        ["./run_train.sh", "--model", "deepseek_v4", "--config", "train_configs/deepseek_v4_flash.toml",
-         "--job.dump_folder", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            "./run_train.sh",
+            "--model",
+            "deepseek_v4",
+            "--config",
+            "train_configs/deepseek_v4_flash.toml",
+            "--job.dump_folder",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DeepSeek-V4 'flash' FSDP unit plan on 64 ranks" in proc.stdout

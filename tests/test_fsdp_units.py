@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
-
 from distributed import run_on_ranks
 
 
-def build_parallelized(world_size: int, mixed: str = "bfloat16", twice: bool = False, group_islands: bool = True):
+def build_parallelized(
+    world_size: int, mixed: str = "bfloat16", twice: bool = False, group_islands: bool = True
+):
     from torchtitan.config import JobConfig
     from torchtitan.distributed import ParallelDims
 
@@ -17,7 +18,9 @@ def build_parallelized(world_size: int, mixed: str = "bfloat16", twice: bool = F
 
     job = JobConfig()
     job.training.mixed_precision_param = mixed
-    dims = ParallelDims(dp_replicate=1, dp_shard=world_size, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=world_size)
+    dims = ParallelDims(
+        dp_replicate=1, dp_shard=world_size, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=world_size
+    )
     dims.build_mesh()
     args = deepseek_v4_args["debugmodel"].replace(max_seq_len=256)
     with torch.device("meta"):
@@ -27,13 +30,19 @@ def build_parallelized(world_size: int, mixed: str = "bfloat16", twice: bool = F
         if twice:
             parallelize_deepseek_v4(model, dims, job)
     else:  # the per-island baseline: parallelize's FSDP step with one unit per island
-        from titan_dsv4.infra.parallelize import apply_fsdp, data_parallel_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from titan_dsv4.infra.parallelize import apply_fsdp, data_parallel_mesh
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for _ in range(2 if twice else 1):
-            apply_fsdp(model, data_parallel_mesh(dims), mp_policy=policy, reshard_after_forward=True,
-                       group_islands=False)
+            apply_fsdp(
+                model,
+                data_parallel_mesh(dims),
+                mp_policy=policy,
+                reshard_after_forward=True,
+                group_islands=False,
+            )
     model.to_empty(device="cpu")
     model.init_weights()
     return model
@@ -67,13 +76,21 @@ def _unit_report(rank, world_size, mixed, twice, group_islands=True):
 
 
 ISLANDS = {
-    "hc_head", "lm_head", "layers.0.attn_hc", "layers.0.ffn_hc", "layers.1.self_attn.compressor.wkv",
-    "layers.1.self_attn.compressor.wgate", "layers.1.self_attn.compressor.indexer.wkv",
-    "layers.1.self_attn.compressor.indexer.wgate", "layers.2.self_attn.compressor.wkv",
+    "hc_head",
+    "lm_head",
+    "layers.0.attn_hc",
+    "layers.0.ffn_hc",
+    "layers.1.self_attn.compressor.wkv",
+    "layers.1.self_attn.compressor.wgate",
+    "layers.1.self_attn.compressor.indexer.wkv",
+    "layers.1.self_attn.compressor.indexer.wgate",
+    "layers.2.self_attn.compressor.wkv",
 }
 HOLDERS = {
-    "layers.0.self_attn.sinks_param", "layers.1.self_attn.compressor.ape_param",
-    "layers.1.self_attn.compressor.indexer.ape_param", "layers.2.self_attn.compressor.ape_param",
+    "layers.0.self_attn.sinks_param",
+    "layers.1.self_attn.compressor.ape_param",
+    "layers.1.self_attn.compressor.indexer.ape_param",
+    "layers.2.self_attn.compressor.ape_param",
 }
 NOT_ISLANDS = {"layers.2.self_attn.compressor.indexer.wkv", "layers.0.self_attn.compressor.wkv"}
 

@@ -4,27 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from distributed import run_on_ranks
-
-
-def _dims(world_size: int, **degrees):
-    from torchtitan.distributed import ParallelDims
-
-    d = dict(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=world_size)
-    d.update(degrees)
-    dims = ParallelDims(**d)
-    dims.build_mesh()
-    return dims
-
-
-def _job(mixed: str = "float32"):
-    from torchtitan.config import JobConfig
-
-    job = JobConfig()
-    job.training.mixed_precision_param = mixed
-    job.activation_checkpoint.mode = "none"
-    return job
+from sharded import dims as _dims
+from sharded import full_grads, job, parallelized_copy, reference_model, sample
 
 
 def _meta_model(**changes):
@@ -47,7 +29,7 @@ def _group_answers(rank, world_size, degrees):
     logging.getLogger().setLevel(logging.INFO)
     model = _meta_model()
     try:
-        parallelize_deepseek_v4(model, _dims(world_size, **degrees), _job())
+        parallelize_deepseek_v4(model, _dims(world_size, **degrees), job())
     except NotImplementedError as e:
         return {"refused": str(e)}
     answers = {}
@@ -93,40 +75,22 @@ def test_group_rule_for_meshes_that_cannot_answer():
 # ---- alignment: every gradient equals the single-process gradient -------------------------------
 
 
-def _sample(rank: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randint(0, 2048, (1, length + 1), generator=torch.Generator().manual_seed(1000 + rank))
-    return x[:, :-1], x[:, 1:]
-
-
 def _aligned_step(rank, world_size, lengths):
-    from torch.distributed.tensor import distribute_tensor
-
-    from titan_dsv4.infra.fsdp_units import canonical_name
-    from titan_dsv4.infra.parallelize import parallelize_deepseek_v4
-    from titan_dsv4.model import DeepSeekV4Model
-
-    torch.manual_seed(0)
-    ref = DeepSeekV4Model(_meta_model().model_args.replace())
-    ref.init_weights()
-    model = _meta_model()
-    parallelize_deepseek_v4(model, _dims(world_size, dp_shard=world_size), _job())
-    model.to_empty(device="cpu")
-    model.init_weights()
-    ref_params = dict(ref.named_parameters())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.to_local().copy_(distribute_tensor(ref_params[name].detach(), p.device_mesh, p.placements).to_local())
+    ref = reference_model(_meta_model().model_args)
+    model = parallelized_copy(ref, _dims(world_size, dp_shard=world_size), job())
     total_tokens = sum(lengths)
-    x, y = _sample(rank, lengths[rank])
+    x, y = sample(rank, lengths[rank], seed=1000)
     loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum") / total_tokens
     loss.backward()
-    grads = {canonical_name(n): (None if p.grad is None else p.grad.full_tensor()) for n, p in model.named_parameters()}
-    out = {"grads": grads}
+    out = {"grads": full_grads(model)}
     if rank == 0:
-        ref_loss = sum(
-            F.cross_entropy(ref(xr).flatten(0, 1), yr.flatten(), reduction="sum")
-            for xr, yr in (_sample(r, n) for r, n in enumerate(lengths))
-        ) / total_tokens
+        ref_loss = (
+            sum(
+                F.cross_entropy(ref(xr).flatten(0, 1), yr.flatten(), reduction="sum")
+                for xr, yr in (sample(r, n, seed=1000) for r, n in enumerate(lengths))
+            )
+            / total_tokens
+        )
         ref_loss.backward()
         out["ref_grads"] = {n: p.grad for n, p in ref.named_parameters()}
     return out

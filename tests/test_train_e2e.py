@@ -24,8 +24,17 @@ def _losses(log: str, rank: int = 0) -> dict[int, float]:
 
 
 def test_run_train_default_config_trains_on_two_cpu_ranks(tmp_path):
-    rc, log = _run(["./run_train.sh", "--model", "deepseek_v4", "--training.steps", "12",
-                    "--job.dump_folder", str(tmp_path)])
+    rc, log = _run(
+        [
+            "./run_train.sh",
+            "--model",
+            "deepseek_v4",
+            "--training.steps",
+            "12",
+            "--job.dump_folder",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0, log[-4000:]
     assert log.count("Process group destroyed") == 2  # both ranks finished and tore down cleanly
     losses = _losses(log)
@@ -35,19 +44,50 @@ def test_run_train_default_config_trains_on_two_cpu_ranks(tmp_path):
 
 
 def test_stock_torchtitan_entry_with_custom_import(tmp_path):
-    rc, log = _run([
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend", "c10d",
-        "--rdzv_endpoint=localhost:0", "--local-ranks-filter", "0,1", "--role", "rank", "--tee", "3",
-        "-m", "torchtitan.train", "--job.config_file", "train_configs/debug_model.toml",
-        "--experimental.custom_import", "titan_dsv4", "--training.steps", "2", "--job.dump_folder", str(tmp_path),
-    ])
+    rc, log = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint=localhost:0",
+            "--local-ranks-filter",
+            "0,1",
+            "--role",
+            "rank",
+            "--tee",
+            "3",
+            "-m",
+            "torchtitan.train",
+            "--job.config_file",
+            "train_configs/debug_model.toml",
+            "--experimental.custom_import",
+            "titan_dsv4",
+            "--training.steps",
+            "2",
+            "--job.dump_folder",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0, log[-4000:]
     assert sorted(_losses(log, 1)) == [1, 2]
 
 
 def test_unknown_flavor_fails_before_training(tmp_path):
-    rc, log = _run(["./run_train.sh", "--model", "deepseek_v4", "--model.flavor", "flassh",
-                    "--job.dump_folder", str(tmp_path)], timeout=180)
+    rc, log = _run(
+        [
+            "./run_train.sh",
+            "--model",
+            "deepseek_v4",
+            "--model.flavor",
+            "flassh",
+            "--job.dump_folder",
+            str(tmp_path),
+        ],
+        timeout=180,
+    )
     assert rc != 0
     assert "unknown DeepSeek-V4 flavor 'flassh'; known flavors: debugmodel, flash, pro" in log
     assert not _losses(log)

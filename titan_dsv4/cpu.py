@@ -1,16 +1,19 @@
-"""CPU support for TorchTitan 0.2.2, applied only when the machine has no accelerator.
+"""CPU support for TorchTitan 0.2.2: what its CPU path lacks, applied only when there is no accelerator.
 
-TorchTitan 0.2.2 assumes CUDA in a few places. Each patch below fixes exactly one of them:
-  1. device type: ``torchtitan.tools.utils`` picks "cuda" when no accelerator is found, at import time;
-  2. device module: the memory monitor and PG timeouts call CUDA-only functions (peak RSS stands in
-     for peak device memory);
-  3. ``torch.histc`` has no CPU kernel for integer input, which Titan's MoE token reorderer uses;
-  4. the profiler is handed ``[CPU, None]`` activities when there is no GPU;
-  5. teardown: every DeviceMesh keeps its ProcessGroups in ``_pg_registry``, so the gloo world group
-     outlives ``destroy_process_group`` with its worker threads running; when interpreter exit finally
-     destroys it, a joinable std::thread calls std::terminate and the rank dies with SIGABRT after a
-     successful run (about one run in five). Destroying the world group now drops those references first.
-FSDP's PREMUL_SUM (which gloo lacks) is handled in ``parallelize_deepseek_v4`` itself.
+``import titan_dsv4`` applies it (the stock ``python -m torchtitan.train --experimental.custom_import
+titan_dsv4`` path needs it before Titan builds its device); with an accelerator it changes nothing.
+Each patch is one function, applied once; ``applied()`` lists the ones in effect:
+  * ``device``: ``torchtitan.tools.utils`` picks "cuda" when no accelerator is found, at import time, and
+    the memory monitor and PG timeouts call CUDA-only functions (peak RSS stands in for device memory);
+  * ``profiler``: Titan hands the profiler ``[CPU, None]`` activities when there is no GPU;
+  * ``teardown``: every DeviceMesh keeps its ProcessGroups in ``_pg_registry``, so the gloo world group
+    outlives ``destroy_process_group`` with its worker threads running; when interpreter exit finally
+    destroys it, a joinable std::thread calls std::terminate and a rank dies with SIGABRT after a
+    successful run (about one run in five). Destroying the world group now drops those references first.
+What our own code can do locally it does: the MoE counts expert loads with ``bincount`` (Titan's
+reorderer uses ``torch.histc``, which has no CPU kernel for integers), expert-parallel dispatch permutes
+tokens in PyTorch on CPU (``infra/expert_parallel.py``), and ``parallelize_deepseek_v4`` reduces with SUM
+on gloo (which has no PREMUL_SUM).
 """
 
 from __future__ import annotations
@@ -21,11 +24,16 @@ import types
 
 import torch
 
-_APPLIED = False
+_APPLIED: list[str] = []
 
 
 def has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def applied() -> tuple[str, ...]:
+    """The names of the CPU patches in effect in this process (empty with an accelerator)."""
+    return tuple(_APPLIED)
 
 
 def _peak_rss_bytes() -> int:
@@ -63,28 +71,38 @@ def _cpu_device_module() -> types.SimpleNamespace:
     return ns
 
 
-def _histc_integer_on_cpu(orig):
-    def histc(input, bins=100, min=0, max=0, *, out=None):  # noqa: A002 - torch's signature
-        if input.device.type == "cpu" and not input.is_floating_point():
-            return orig(input.float(), bins=bins, min=min, max=max).to(input.dtype)
-        return orig(input, bins=bins, min=min, max=max, out=out) if out is not None else orig(
-            input, bins=bins, min=min, max=max
-        )
+def _patch_device() -> None:
+    """Titan's device type and module resolve to the CPU (process groups then use gloo)."""
+    cpu_module = _cpu_device_module()
+    orig_get_module = torch._utils._get_device_module
+    torch._utils._get_available_device_type = lambda: "cpu"
+    torch._utils._get_device_module = lambda t="cuda": cpu_module if t == "cpu" else orig_get_module(t)
+    # If torchtitan was imported first, fix the device globals its modules copied at import time.
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("torchtitan") and mod is not None:
+            if getattr(mod, "device_type", None) == "cuda":
+                mod.device_type = "cpu"
+            if getattr(mod, "device_module", None) is torch.cuda:
+                mod.device_module = cpu_module
 
-    return histc
 
+def _patch_profiler() -> None:
+    """The profiler ignores the ``None`` activity Titan adds when there is no GPU."""
+    orig_cls = torch.profiler.profile
 
-def _profile_without_none(orig_cls):
     class profile(orig_cls):  # noqa: N801 - keeps torch's name
         def __init__(self, *args, activities=None, **kwargs):
             if activities is not None:
                 activities = [a for a in activities if a is not None]
             super().__init__(*args, activities=activities, **kwargs)
 
-    return profile
+    torch.profiler.profile = profile
 
 
-def _release_mesh_groups_first(orig):
+def _patch_teardown() -> None:
+    """Destroying the world group first drops every DeviceMesh's references to its groups."""
+    orig = torch.distributed.destroy_process_group
+
     def destroy_process_group(group=None):
         if group is None or group is torch.distributed.GroupMember.WORLD:
             import gc
@@ -96,30 +114,16 @@ def _release_mesh_groups_first(orig):
                     getattr(obj, "_pg_registry", {}).clear()
         return orig(group)
 
-    return destroy_process_group
+    torch.distributed.destroy_process_group = destroy_process_group
 
 
-def apply_cpu_support() -> bool:
-    """Patch the process for CPU-only TorchTitan runs; a no-op (False) when an accelerator exists."""
-    global _APPLIED
-    if _APPLIED:
-        return True
-    if has_accelerator():
-        return False
-    cpu_module = _cpu_device_module()
-    orig_get_module = torch._utils._get_device_module
-    torch._utils._get_available_device_type = lambda: "cpu"
-    torch._utils._get_device_module = lambda t="cuda": cpu_module if t == "cpu" else orig_get_module(t)
-    torch.histc = _histc_integer_on_cpu(torch.histc)
-    torch.profiler.profile = _profile_without_none(torch.profiler.profile)
-    torch.distributed.destroy_process_group = _release_mesh_groups_first(torch.distributed.destroy_process_group)
-    # If torchtitan was imported first (e.g. `python -m torchtitan.train --experimental.custom_import
-    # titan_dsv4`), fix the device globals its modules copied at import time.
-    for name, mod in list(sys.modules.items()):
-        if name.startswith("torchtitan") and mod is not None:
-            if getattr(mod, "device_type", None) == "cuda":
-                mod.device_type = "cpu"
-            if getattr(mod, "device_module", None) is torch.cuda:
-                mod.device_module = cpu_module
-    _APPLIED = True
-    return True
+_PATCHES = {"device": _patch_device, "profiler": _patch_profiler, "teardown": _patch_teardown}
+
+
+def apply_cpu_support() -> tuple[str, ...]:
+    """Apply each CPU patch once when there is no accelerator; returns what is applied."""
+    if not _APPLIED and not has_accelerator():
+        for name, patch in _PATCHES.items():
+            patch()
+            _APPLIED.append(name)
+    return applied()

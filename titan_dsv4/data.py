@@ -10,7 +10,10 @@ from torchtitan.hf_datasets.text_datasets import DATASETS
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOKENIZER_DIR = ASSETS / "tokenizer"
-CORPUS = {"dsv4_corpus": ASSETS / "corpus" / "train.jsonl", "dsv4_corpus_validation": ASSETS / "corpus" / "validation.jsonl"}
+CORPUS = {
+    "dsv4_corpus": ASSETS / "corpus" / "train.jsonl",
+    "dsv4_corpus_validation": ASSETS / "corpus" / "validation.jsonl",
+}
 
 
 def load_jsonl(path: str):

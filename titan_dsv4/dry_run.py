@@ -12,23 +12,27 @@ import json
 import os
 from collections import defaultdict
 
-import titan_dsv4  # noqa: F401  (CPU support + train spec, before torchtitan)
-
 import torch  # noqa: E402
 from torchtitan.config import ConfigManager, JobConfig  # noqa: E402
 from torchtitan.distributed import ParallelDims  # noqa: E402
 from torchtitan.distributed.utils import init_fake_mode  # noqa: E402
 from torchtitan.protocols.train_spec import get_train_spec  # noqa: E402
 
+import titan_dsv4  # noqa: F401  (CPU support + train spec, before torchtitan)
 from titan_dsv4.infra.unit_plan import fsdp_units  # noqa: E402
 
 
 def build_plan(job: JobConfig, world_size: int) -> dict:
     p = job.parallelism
     dims = ParallelDims(
-        dp_replicate=p.data_parallel_replicate_degree, dp_shard=p.data_parallel_shard_degree,
-        cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, pp=p.pipeline_parallel_degree,
-        ep=p.expert_parallel_degree, etp=p.expert_tensor_parallel_degree, world_size=world_size,
+        dp_replicate=p.data_parallel_replicate_degree,
+        dp_shard=p.data_parallel_shard_degree,
+        cp=p.context_parallel_degree,
+        tp=p.tensor_parallel_degree,
+        pp=p.pipeline_parallel_degree,
+        ep=p.expert_parallel_degree,
+        etp=p.expert_tensor_parallel_degree,
+        world_size=world_size,
     )
     dims.build_mesh()
     spec = get_train_spec(job.model.name)
@@ -50,7 +54,9 @@ def summarize(model, dims: ParallelDims, job: JobConfig, world_size: int) -> dic
         k["units"] += 1
         k[f"units_computing_{compute}"] += 1
         k["reshard_after_forward"] += int(u.reshard_after_forward)
-        k["max_unsharded_bytes"] = max(k["max_unsharded_bytes"], u.numel * (2 if compute == "bfloat16" else 4))
+        k["max_unsharded_bytes"] = max(
+            k["max_unsharded_bytes"], u.numel * (2 if compute == "bfloat16" else 4)
+        )
         storage = "/".join(sorted(str(d).replace("torch.", "") for d in u.storage_dtypes))
         per_rank[storage]["params"] += u.local_numel
         per_rank[storage]["bytes"] += u.local_bytes
@@ -89,7 +95,11 @@ def format_plan(plan: dict) -> str:
         f"  units: {plan['units_total']}",
     ]
     for kind, v in sorted(plan["units_by_kind"].items()):
-        dtypes = ", ".join(f"{k.removeprefix('units_computing_')} x{n}" for k, n in v.items() if k.startswith("units_computing_"))
+        dtypes = ", ".join(
+            f"{k.removeprefix('units_computing_')} x{n}"
+            for k, n in v.items()
+            if k.startswith("units_computing_")
+        )
         lines.append(
             f"    {kind:7s} {v['units']:5d} units ({dtypes}); reshard after forward: "
             f"{v['reshard_after_forward']}/{v['units']}; largest unsharded {v['max_unsharded_bytes'] / gib:.3f} GiB"
@@ -98,7 +108,9 @@ def format_plan(plan: dict) -> str:
         lines.append(f"  per rank, {dtype} storage: {v['params']:,} params, {v['bytes'] / gib:.2f} GiB")
     h = plan["hca_alignment"]
     state = f"enabled, group size {h['group_size']}" if h["enabled"] else "disabled"
-    lines.append(f"  HCA alignment: {state} ({h['hca_layers']} HCA layers; one all-reduce per step when enabled)")
+    lines.append(
+        f"  HCA alignment: {state} ({h['hca_layers']} HCA layers; one all-reduce per step when enabled)"
+    )
     return "\n".join(lines)
 
 

@@ -20,11 +20,16 @@ def _free_port() -> int:
 
 def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple, backend: str | None) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
     )
-    import titan_dsv4  # noqa: F401  (CPU support before torchtitan)
     import torch.distributed as dist
+
+    import titan_dsv4  # noqa: F401  (CPU support before torchtitan)
 
     torch.set_num_threads(1)
     if backend is not None:
@@ -48,19 +53,30 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 240.0, backend: st
     """
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
-            _entry, args=(fn, world_size, _free_port(), out_dir, args, backend), nprocs=world_size,
-            join=False, start_method="spawn",
+            _entry,
+            args=(fn, world_size, _free_port(), out_dir, args, backend),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
         )
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{fn.__name__} did not finish on {world_size} ranks within {timeout}s")
+                    raise TimeoutError(
+                        f"{fn.__name__} did not finish on {world_size} ranks within {timeout}s"
+                    )
         except mp.ProcessRaisedException as e:
-            errs = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
+            errs = [
+                open(os.path.join(out_dir, f)).read()
+                for f in sorted(os.listdir(out_dir))
+                if f.endswith(".err")
+            ]
             raise AssertionError("rank failed:\n" + "\n".join(errs or [str(e)])) from None
         finally:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+        return [
+            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)
+        ]

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import torchtitan.protocols.train_spec as train_spec_module
 from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.tokenizer import build_hf_tokenizer
 from torchtitan.components.validate import build_validator
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
-import torchtitan.protocols.train_spec as train_spec_module
 from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 
 from . import data
-from .checkpoint import hooks as checkpoint_hooks
+from .checkpoint.adapter import DeepSeekV4CheckpointAdapter
 from .flavors import deepseek_v4_args
 from .infra.optimizer import build_optimizers_with_v4_load_balancing
 from .infra.parallelize import parallelize_deepseek_v4
+from .job_config import check_job
 from .model import DeepSeekV4Model
-from .model.state_dict_adapter import DeepSeekV4StateDictAdapter
 
 NAME = "deepseek_v4"
+
+
+def build_tokenizer_after_job_checks(job_config):
+    """Titan's HF tokenizer, built after ``check_job``: the first spec hook, so refusals come before any work."""
+    check_job(job_config)
+    return build_hf_tokenizer(job_config)
 
 
 def get_train_spec() -> TrainSpec:
@@ -30,16 +36,15 @@ def get_train_spec() -> TrainSpec:
         build_optimizers_fn=build_optimizers_with_v4_load_balancing,
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_text_dataloader,
-        build_tokenizer_fn=build_hf_tokenizer,
+        build_tokenizer_fn=build_tokenizer_after_job_checks,
         build_loss_fn=build_cross_entropy_loss,
         build_validator_fn=build_validator,
-        state_dict_adapter=DeepSeekV4StateDictAdapter,
+        state_dict_adapter=DeepSeekV4CheckpointAdapter,
     )
 
 
 def register() -> None:
     """Register ``deepseek_v4`` once; re-imports and repeated calls are no-ops."""
     data.register_datasets()
-    checkpoint_hooks.install()
     if NAME not in train_spec_module._extra_train_specs:
         register_train_spec(NAME, get_train_spec())

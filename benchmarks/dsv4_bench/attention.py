@@ -82,8 +82,14 @@ def exponents(points: list[dict]) -> dict:
     for case in CASES:
         for impl in IMPLS:
             pts = sorted(
-                (p for p in points if p["case"] == case and p["impl"] == impl and "error" not in p
-                 and p["seq_len"] >= FIT_FROM),
+                (
+                    p
+                    for p in points
+                    if p["case"] == case
+                    and p["impl"] == impl
+                    and "error" not in p
+                    and p["seq_len"] >= FIT_FROM
+                ),
                 key=lambda p: p["seq_len"],
             )
             xs = [p["seq_len"] for p in pts]

@@ -22,8 +22,14 @@ from .shapes import shape_args
 
 # The kernel-alone inputs use debugmodel's attention dims, read from the flavor itself.
 _DEBUG = shape_args("debugmodel")
-DIMS = dict(heads=_DEBUG.n_heads, head_dim=_DEBUG.head_dim, window=_DEBUG.sliding_window, topk=_DEBUG.index_topk,
-            csa_ratio=_DEBUG.csa_ratio, hca_ratio=_DEBUG.hca_ratio)
+DIMS = dict(
+    heads=_DEBUG.n_heads,
+    head_dim=_DEBUG.head_dim,
+    window=_DEBUG.sliding_window,
+    topk=_DEBUG.index_topk,
+    csa_ratio=_DEBUG.csa_ratio,
+    hca_ratio=_DEBUG.hca_ratio,
+)
 HEADS, HEAD_DIM, WINDOW, TOPK = DIMS["heads"], DIMS["head_dim"], DIMS["window"], DIMS["topk"]
 CSA_RATIO, HCA_RATIO = DIMS["csa_ratio"], DIMS["hca_ratio"]
 # One intra-op thread: the fitted exponents then measure the algorithm, not how parallel efficiency
@@ -34,14 +40,18 @@ THREADS = 1
 PRIMER_LEN = 256  # a small call first pages in the code paths, so the measured call's RSS growth is data
 
 
-def causal_top_k(seq_len: int, n_entries: int, ratio: int, k: int, g: torch.Generator, chunk: int = 512) -> torch.Tensor:
+def causal_top_k(
+    seq_len: int, n_entries: int, ratio: int, k: int, g: torch.Generator, chunk: int = 512
+) -> torch.Tensor:
     """[1, S, k] random picks among each query's causally visible entries (-1 = none), as the indexer
     returns them; built in query chunks so no [S, T] temporary inflates the memory baseline."""
     picks = []
     for start in range(0, seq_len, chunk):
         rows = torch.arange(start, min(start + chunk, seq_len))
         limit = ((rows + 1) // ratio)[:, None]
-        scores = torch.rand(len(rows), n_entries, generator=g).masked_fill(torch.arange(n_entries) >= limit, -1.0)
+        scores = torch.rand(len(rows), n_entries, generator=g).masked_fill(
+            torch.arange(n_entries) >= limit, -1.0
+        )
         top = scores.topk(min(k, n_entries), dim=-1).indices
         picks.append(torch.where(top < limit, top, torch.full_like(top, -1)))
     return torch.cat(picks).unsqueeze(0)
@@ -127,8 +137,12 @@ def measure_memory(case: str, impl: str, seq_len: int) -> dict:
     resettable = reset_peak_rss()
     baseline = peak_rss_mib()
     step()
-    return {"peak_mib": peak_rss_mib() - baseline, "baseline_mib": baseline, "peak_reset": resettable,
-            "exact_rss": exact}
+    return {
+        "peak_mib": peak_rss_mib() - baseline,
+        "baseline_mib": baseline,
+        "peak_reset": resettable,
+        "exact_rss": exact,
+    }
 
 
 def measure_time(case: str, impl: str, seq_len: int, reps: int) -> dict:
@@ -141,7 +155,11 @@ def measure_time(case: str, impl: str, seq_len: int, reps: int) -> dict:
 def point_entry(what: str, case: str, impl: str, seq_len: int, reps: int, conn) -> None:
     """Child-process target: one measurement ("memory" or "time") of one point, sent back (or the error)."""
     try:
-        conn.send(measure_memory(case, impl, seq_len) if what == "memory" else measure_time(case, impl, seq_len, reps))
+        conn.send(
+            measure_memory(case, impl, seq_len)
+            if what == "memory"
+            else measure_time(case, impl, seq_len, reps)
+        )
     except BaseException as e:  # report, never hang the driver
         conn.send({"error": f"{what}: {type(e).__name__}: {e}"})
     finally:

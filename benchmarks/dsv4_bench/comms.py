@@ -17,9 +17,17 @@ import functools
 from collections import Counter
 from dataclasses import dataclass
 
-KINDS = {"all_gather_single": "all-gather", "reduce_scatter_single": "reduce-scatter", "all_reduce": "all-reduce"}
+KINDS = {
+    "all_gather_single": "all-gather",
+    "reduce_scatter_single": "reduce-scatter",
+    "all_reduce": "all-reduce",
+}
 # Which argument holds the full buffer: (positional index, keyword name).
-_BUFFER_ARG = {"all_gather_single": (0, "output_tensor"), "reduce_scatter_single": (1, "input"), "all_reduce": (0, "tensor")}
+_BUFFER_ARG = {
+    "all_gather_single": (0, "output_tensor"),
+    "reduce_scatter_single": (1, "input"),
+    "all_reduce": (0, "tensor"),
+}
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,7 @@ class CollectiveCounter:
         self._block: int | None = None
         self._originals: dict = {}
 
-    def install(self) -> "CollectiveCounter":
+    def install(self) -> CollectiveCounter:
         import torch.distributed as dist
 
         for attr, kind in KINDS.items():
@@ -68,8 +76,13 @@ class CollectiveCounter:
             if self.recording:
                 t = _buffer(attr, args, kwargs)
                 self.records.append(
-                    Collective(kind, self._phase, self._block, str(t.dtype).removeprefix("torch."),
-                               t.numel() * t.element_size())
+                    Collective(
+                        kind,
+                        self._phase,
+                        self._block,
+                        str(t.dtype).removeprefix("torch."),
+                        t.numel() * t.element_size(),
+                    )
                 )
             return original(*args, **kwargs)
 

@@ -43,8 +43,9 @@ def _loss(logits, tokens):
 
 
 def run(quick: bool) -> dict:
-    import titan_dsv4  # noqa: F401  (CPU support before torchtitan)
     import torch
+
+    import titan_dsv4  # noqa: F401  (CPU support before torchtitan)
 
     from .measure import median, timed
 

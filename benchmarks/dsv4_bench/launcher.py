@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import titan_dsv4  # noqa: F401  (CPU support + deepseek_v4 spec, before torchtitan)
-
 import torchtitan.protocols.train_spec as train_spec_module
 from torchtitan.train import Trainer, main
+
+import titan_dsv4  # noqa: F401  (CPU support + deepseek_v4 spec, before torchtitan)
 
 from .shapes import register_bench_flavors
 

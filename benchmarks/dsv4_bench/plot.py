@@ -14,21 +14,35 @@ def plot_attention_scaling(attention: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 9), sharex=True)
-    quantities = (("time_s", "time", "fwd+bwd time (s)"), ("peak_mib", "memory", "peak memory over baseline (MiB)"))
+    quantities = (
+        ("time_s", "time", "fwd+bwd time (s)"),
+        ("peak_mib", "memory", "peak memory over baseline (MiB)"),
+    )
     for row, (key, fit_key, ylabel) in enumerate(quantities):
         for col, scope in enumerate(("kernel", "module")):
             ax = axes[row][col]
             for case in (c for c in attention["cases"] if c.startswith(scope)):
                 kind = case.split("_")[1]
                 for impl in ("dense", "sparse"):
-                    pts = sorted((p for p in attention["points"] if p["case"] == case and p["impl"] == impl
-                                  and "error" not in p and p[key] > 0), key=lambda p: p["seq_len"])
+                    pts = sorted(
+                        (
+                            p
+                            for p in attention["points"]
+                            if p["case"] == case and p["impl"] == impl and "error" not in p and p[key] > 0
+                        ),
+                        key=lambda p: p["seq_len"],
+                    )
                     if not pts:
                         continue
                     exp = attention["exponents"][f"{case}/{impl}"][fit_key]
                     label = f"{kind.upper()} {impl}" + ("" if exp is None else f" (slope {exp:.2f})")
-                    ax.plot([p["seq_len"] for p in pts], [p[key] for p in pts], color=COLORS[kind],
-                            label=label, **STYLES[impl])
+                    ax.plot(
+                        [p["seq_len"] for p in pts],
+                        [p[key] for p in pts],
+                        color=COLORS[kind],
+                        label=label,
+                        **STYLES[impl],
+                    )
             _slope_guides(ax)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -38,8 +52,10 @@ def plot_attention_scaling(attention: dict, path: str) -> None:
             ax.legend(fontsize=8)
             if row == 1:
                 ax.set_xlabel("sequence length (tokens)")
-    fig.suptitle(f"DeepSeek-V4 attention scaling: dense reference vs sparse fast path "
-                 f"(slopes fitted from S={attention['fit_from']})")
+    fig.suptitle(
+        f"DeepSeek-V4 attention scaling: dense reference vs sparse fast path "
+        f"(slopes fitted from S={attention['fit_from']})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -54,4 +70,6 @@ def _slope_guides(ax) -> None:
     x0, y0 = min(starts, key=lambda p: p[1])
     x1 = max(ends)
     for power, label, style in ((1, "O(S) guide", ":"), (2, "O(S²) guide", "-.")):
-        ax.plot([x0, x1], [y0, y0 * (x1 / x0) ** power], color="grey", linestyle=style, linewidth=1, label=label)
+        ax.plot(
+            [x0, x1], [y0, y0 * (x1 / x0) ** power], color="grey", linestyle=style, linewidth=1, label=label
+        )

@@ -8,7 +8,9 @@ from .shapes import MID
 
 FWD_GATHERS_PER_BLOCK_MAX = 3.0
 SPARSE_EXPONENT_MAX = 1.2
-DENSE_EXPONENT_MIN = 1.7  # "dense ~2": quadratic; above 2 at large S where the [S x S] tensors leave the caches
+DENSE_EXPONENT_MIN = (
+    1.7  # "dense ~2": quadratic; above 2 at large S where the [S x S] tensors leave the caches
+)
 HF_SPEEDUP_MIN = 2.0
 TPS_RATIO_MIN = 0.8
 ACTIVE_PARAMS_TOLERANCE = 0.10
@@ -69,7 +71,9 @@ def _table(header: list[str], rows: list[list], indent: str = "  ") -> list[str]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
 
     def fmt(row: list[str]) -> str:
-        return indent + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        return indent + "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        )
 
     return [fmt(cells[0]), indent + "-" * (sum(widths) + 2 * (len(widths) - 1))] + [fmt(r) for r in cells[1:]]
 
@@ -77,7 +81,10 @@ def _table(header: list[str], rows: list[list], indent: str = "  ") -> list[str]
 def _section_error(sections: dict, name: str) -> list[str]:
     rec = sections.get(name) or {}
     if "error" in rec:
-        return ["  ERROR: section failed:", *("    " + line for line in rec["error"].strip().splitlines()[-6:])]
+        return [
+            "  ERROR: section failed:",
+            *("    " + line for line in rec["error"].strip().splitlines()[-6:]),
+        ]
     return ["  (not run)"] if not rec else []
 
 
@@ -88,13 +95,19 @@ def evaluate_targets(sections: dict) -> list[Target]:
     ours, base = training.get("debugmodel/parallelize"), training.get("debugmodel/per_island")
     if ours and base:
         o, b = ours["comms_per_rank"][0], base["comms_per_rank"][0]
-        targets.append(Target(
-            "b", "forward all-gathers per block, ours (grouped)", o["forward_all_gathers_per_block"],
-            FWD_GATHERS_PER_BLOCK_MAX, at_least=False,
-            detail=f"per-island baseline {b['forward_all_gathers_per_block']:.2f}, ratio ours/baseline "
-                   f"{_x(o['forward_all_gathers_per_block'], b['forward_all_gathers_per_block'])}; counting the "
-                   f"root-level gathers too, all forward all-gathers / n_layers = {o['forward_all_gathers_over_n_layers']:.2f}",
-        ))
+        targets.append(
+            Target(
+                "b",
+                "forward all-gathers per block, ours (grouped)",
+                o["forward_all_gathers_per_block"],
+                FWD_GATHERS_PER_BLOCK_MAX,
+                at_least=False,
+                detail=f"per-island baseline {b['forward_all_gathers_per_block']:.2f}, ratio ours/baseline "
+                f"{_x(o['forward_all_gathers_per_block'], b['forward_all_gathers_per_block'])}; counting the "
+                f"root-level gathers too, all forward all-gathers / n_layers = "
+                f"{o['forward_all_gathers_over_n_layers']:.2f}",
+            )
+        )
     attention = _result(sections, "attention") or {}
     fits = attention.get("exponents", {})
     for case in ("kernel_hca", "kernel_csa"):
@@ -105,47 +118,107 @@ def evaluate_targets(sections: dict) -> list[Target]:
             detail = f"fit over S={rng[0]}..{rng[1]}" if rng else ""
             if rng and rng[1] <= 2 * rng[0]:
                 detail += "; only two lengths (--quick): indicative"
-            targets.append(Target("c", f"sparse {case} {quantity} exponent", sparse, SPARSE_EXPONENT_MAX, False,
-                                  detail=detail))
-            targets.append(Target("c", f"dense  {case} {quantity} exponent (~2)", dense, DENSE_EXPONENT_MIN, True))
+            targets.append(
+                Target(
+                    "c",
+                    f"sparse {case} {quantity} exponent",
+                    sparse,
+                    SPARSE_EXPONENT_MAX,
+                    False,
+                    detail=detail,
+                )
+            )
+            targets.append(
+                Target("c", f"dense  {case} {quantity} exponent (~2)", dense, DENSE_EXPONENT_MIN, True)
+            )
     hf = _result(sections, "hf")
-    targets.append(Target("d", "speedup vs transformers eager (fwd+bwd)", hf and hf["speedup"], HF_SPEEDUP_MIN, True,
-                          detail=hf and f"{hf['hf_s']:.3f} s / {hf['ours_s']:.3f} s at {hf['seq_len']} tokens"))
+    targets.append(
+        Target(
+            "d",
+            "speedup vs transformers eager (fwd+bwd)",
+            hf and hf["speedup"],
+            HF_SPEEDUP_MIN,
+            True,
+            detail=hf and f"{hf['hf_s']:.3f} s / {hf['ours_s']:.3f} s at {hf['seq_len']} tokens",
+        )
+    )
     titan = _result(sections, "titan")
-    targets.append(Target("e", "tokens/s ours / deepseek_v3", titan and titan["tps_ratio"], TPS_RATIO_MIN, True))
+    targets.append(
+        Target("e", "tokens/s ours / deepseek_v3", titan and titan["tps_ratio"], TPS_RATIO_MIN, True)
+    )
     dev = titan and abs(titan["active_param_ratio"] - 1)
-    targets.append(Target("e", "|active params ours/theirs - 1|", dev, ACTIVE_PARAMS_TOLERANCE, False,
-                          detail=titan and f"ratio {titan['active_param_ratio']:.3f}"))
+    targets.append(
+        Target(
+            "e",
+            "|active params ours/theirs - 1|",
+            dev,
+            ACTIVE_PARAMS_TOLERANCE,
+            False,
+            detail=titan and f"ratio {titan['active_param_ratio']:.3f}",
+        )
+    )
     return targets
 
 
 # ---- sections ----------------------------------------------------------------------------------------
 def section_a(sections: dict) -> list[str]:
-    out = ["[a] Training step: 2 CPU ranks over gloo, parallelize_deepseek_v4 (bf16 params, fp32 reduce), AC none,",
-         "    forward + loss + backward + clip + AdamW; seq 512 x local batch 2 per rank; warmup steps not timed"]
+    out = [
+        "[a] Training step: 2 CPU ranks over gloo, parallelize_deepseek_v4 (bf16 params, fp32 reduce), AC "
+        "none,",
+        "    forward + loss + backward + clip + AdamW; seq 512 x local batch 2 per rank; warmup steps not "
+        "timed",
+    ]
     training = _result(sections, "training")
     if not training:
         return out + _section_error(sections, "training")
     rows = []
     runs = {"debugmodel": training["debugmodel/parallelize"], MID: training[f"{MID}/parallelize"]}
     for name, r in runs.items():
-        rows.append([name, _m(r["params_total"]), _m(r["params_active"]), f"{r['step_s_median']:.3f}",
-                     f"{min(r['step_s_all']):.3f}-{max(r['step_s_all']):.3f}", f"{r['tokens_per_s_per_rank']:.0f}",
-                     f"{r['tokens_per_s_global']:.0f}", " / ".join(f"{m:.0f}" for m in r["peak_rss_mib_per_rank"]),
-                     f"{r['rss_before_build_mib_per_rank'][0]:.0f}"])
+        rows.append(
+            [
+                name,
+                _m(r["params_total"]),
+                _m(r["params_active"]),
+                f"{r['step_s_median']:.3f}",
+                f"{min(r['step_s_all']):.3f}-{max(r['step_s_all']):.3f}",
+                f"{r['tokens_per_s_per_rank']:.0f}",
+                f"{r['tokens_per_s_global']:.0f}",
+                " / ".join(f"{m:.0f}" for m in r["peak_rss_mib_per_rank"]),
+                f"{r['rss_before_build_mib_per_rank'][0]:.0f}",
+            ]
+        )
     d, m = runs["debugmodel"], runs[MID]
-    rows.append([f"ratio {MID}/debugmodel", _x(m["params_total"], d["params_total"]),
-                 _x(m["params_active"], d["params_active"]), _x(m["step_s_median"], d["step_s_median"]), "",
-                 _x(m["tokens_per_s_per_rank"], d["tokens_per_s_per_rank"]),
-                 _x(m["tokens_per_s_global"], d["tokens_per_s_global"]),
-                 _x(m["peak_rss_mib_per_rank"][0], d["peak_rss_mib_per_rank"][0]), ""])
-    header = ["shape", "params", "active", "step s (med)", "min-max", "tok/s/rank", "tok/s (2 ranks)",
-              "peak RSS MiB r0 / r1", "RSS before build"]
+    rows.append(
+        [
+            f"ratio {MID}/debugmodel",
+            _x(m["params_total"], d["params_total"]),
+            _x(m["params_active"], d["params_active"]),
+            _x(m["step_s_median"], d["step_s_median"]),
+            "",
+            _x(m["tokens_per_s_per_rank"], d["tokens_per_s_per_rank"]),
+            _x(m["tokens_per_s_global"], d["tokens_per_s_global"]),
+            _x(m["peak_rss_mib_per_rank"][0], d["peak_rss_mib_per_rank"][0]),
+            "",
+        ]
+    )
+    header = [
+        "shape",
+        "params",
+        "active",
+        "step s (med)",
+        "min-max",
+        "tok/s/rank",
+        "tok/s (2 ranks)",
+        "peak RSS MiB r0 / r1",
+        "RSS before build",
+    ]
     return out + _table(header, rows)
 
 
 def section_b(sections: dict) -> list[str]:
-    out = ["[b] Collectives per training step (rank 0), debugmodel; bytes = full buffer (gathered / unreduced)"]
+    out = [
+        "[b] Collectives per training step (rank 0), debugmodel; bytes = full buffer (gathered / unreduced)"
+    ]
     training = _result(sections, "training")
     if not training:
         return out + _section_error(sections, "training")
@@ -154,40 +227,79 @@ def section_b(sections: dict) -> list[str]:
     for r in runs:
         c = r["comms_per_rank"][0]
         n, by = c["per_step"], c["bytes_per_step"]
-        dtypes = "+".join(f"{v:g} {k.replace('bfloat16', 'bf16').replace('float32', 'fp32')}"
-                          for k, v in c["forward_all_gather_dtypes_per_block"].items())
-        rows.append([r["layout"], f"{n['all-gather']:g}", _mib(by["all-gather"]), f"{n['reduce-scatter']:g}",
-                     _mib(by["reduce-scatter"]), f"{n['all-reduce']:g}",
-                     f"{c['forward_all_gathers_per_block']:.2f} ({dtypes})", f"{c['forward_all_gathers_root_level']:g}",
-                     f"{c['forward_all_gathers_over_n_layers']:.2f}", f"{r['step_s_median']:.3f}",
-                     f"{r['peak_rss_mib_per_rank'][0]:.0f}"])
+        dtypes = "+".join(
+            f"{v:g} {k.replace('bfloat16', 'bf16').replace('float32', 'fp32')}"
+            for k, v in c["forward_all_gather_dtypes_per_block"].items()
+        )
+        rows.append(
+            [
+                r["layout"],
+                f"{n['all-gather']:g}",
+                _mib(by["all-gather"]),
+                f"{n['reduce-scatter']:g}",
+                _mib(by["reduce-scatter"]),
+                f"{n['all-reduce']:g}",
+                f"{c['forward_all_gathers_per_block']:.2f} ({dtypes})",
+                f"{c['forward_all_gathers_root_level']:g}",
+                f"{c['forward_all_gathers_over_n_layers']:.2f}",
+                f"{r['step_s_median']:.3f}",
+                f"{r['peak_rss_mib_per_rank'][0]:.0f}",
+            ]
+        )
     (o, b) = runs[0], runs[1]
     oc, bc = o["comms_per_rank"][0], b["comms_per_rank"][0]
-    rows.append(["ratio (2)/(1)", _x(bc["per_step"]["all-gather"], oc["per_step"]["all-gather"]),
-                 _x(bc["bytes_per_step"]["all-gather"], oc["bytes_per_step"]["all-gather"]),
-                 _x(bc["per_step"]["reduce-scatter"], oc["per_step"]["reduce-scatter"]),
-                 _x(bc["bytes_per_step"]["reduce-scatter"], oc["bytes_per_step"]["reduce-scatter"]), "",
-                 _x(bc["forward_all_gathers_per_block"], oc["forward_all_gathers_per_block"]), "",
-                 _x(bc["forward_all_gathers_over_n_layers"], oc["forward_all_gathers_over_n_layers"]),
-                 _x(b["step_s_median"], o["step_s_median"]),
-                 _x(b["peak_rss_mib_per_rank"][0], o["peak_rss_mib_per_rank"][0])])
-    header = ["layout", "AG", "AG MiB", "RS", "RS MiB", "AR", "fwd AG in each block", "fwd AG root",
-              "all fwd AG / n_layers", "step s", "peak MiB r0"]
+    rows.append(
+        [
+            "ratio (2)/(1)",
+            _x(bc["per_step"]["all-gather"], oc["per_step"]["all-gather"]),
+            _x(bc["bytes_per_step"]["all-gather"], oc["bytes_per_step"]["all-gather"]),
+            _x(bc["per_step"]["reduce-scatter"], oc["per_step"]["reduce-scatter"]),
+            _x(bc["bytes_per_step"]["reduce-scatter"], oc["bytes_per_step"]["reduce-scatter"]),
+            "",
+            _x(bc["forward_all_gathers_per_block"], oc["forward_all_gathers_per_block"]),
+            "",
+            _x(bc["forward_all_gathers_over_n_layers"], oc["forward_all_gathers_over_n_layers"]),
+            _x(b["step_s_median"], o["step_s_median"]),
+            _x(b["peak_rss_mib_per_rank"][0], o["peak_rss_mib_per_rank"][0]),
+        ]
+    )
+    header = [
+        "layout",
+        "AG",
+        "AG MiB",
+        "RS",
+        "RS MiB",
+        "AR",
+        "fwd AG in each block",
+        "fwd AG root",
+        "all fwd AG / n_layers",
+        "step s",
+        "peak MiB r0",
+    ]
     out += _table(header, rows)
-    out.append("  AG / RS / AR: all-gathers / reduce-scatters / all-reduces per step; 'fwd AG in each block': forward")
-    out.append("  all-gathers issued inside a block's forward, per block; 'root': the root unit and its fp32 island.")
+    out.append(
+        "  AG / RS / AR: all-gathers / reduce-scatters / all-reduces per step; 'fwd AG in each block': "
+        "forward"
+    )
+    out.append(
+        "  all-gathers issued inside a block's forward, per block; 'root': the root unit and its fp32 island."
+    )
     out += [f"  {r['layout']}: {r['layout_description']}" for r in runs]
     same_ranks = all(r["comms_per_rank"][0] == r["comms_per_rank"][1] for r in runs)
     faster, slower = (o, b) if o["step_s_median"] <= b["step_s_median"] else (b, o)
     spread = max(max(r["step_s_all"]) - min(r["step_s_all"]) for r in (o, b))
     gap = slower["step_s_median"] - faster["step_s_median"]
-    out.append(f"  faster: {faster['layout']} by {100 * gap / slower['step_s_median']:.1f}% "
-               f"({faster['step_s_median']:.3f} s vs {slower['step_s_median']:.3f} s per step"
-               + ("" if gap > spread else f"; within the step-to-step spread of {spread:.3f} s, so not significant")
-               + ")")
+    out.append(
+        f"  faster: {faster['layout']} by {100 * gap / slower['step_s_median']:.1f}% "
+        f"({faster['step_s_median']:.3f} s vs {slower['step_s_median']:.3f} s per step"
+        + ("" if gap > spread else f"; within the step-to-step spread of {spread:.3f} s, so not significant")
+        + ")"
+    )
     same_loss = o["global_losses"] == b["global_losses"]
-    out.append(f"  same seed/data: losses of (1) and (2) identical: {'yes' if same_loss else 'no'}; "
-               f"counts identical on both ranks: {'yes' if same_ranks else 'no'}")
+    out.append(
+        f"  same seed/data: losses of (1) and (2) identical: {'yes' if same_loss else 'no'}; "
+        f"counts identical on both ranks: {'yes' if same_ranks else 'no'}"
+    )
     return out
 
 
@@ -196,9 +308,12 @@ def section_c(sections: dict) -> list[str]:
     timed = [p for p in (attention or {}).get("points", []) if "threads" in p]
     threads = "/".join(map(str, sorted({p["threads"] for p in timed}))) or "?"
     dims = ", ".join(f"{k}={v}" for k, v in timed[0]["dims"].items()) if timed else "?"
-    out = [f"[c] Attention forward+backward vs sequence length; debugmodel dims ({dims});",
-           f"    {threads} thread(s). Time = median of a few calls; memory = ru_maxrss growth of one call over a",
-           "    baseline; each point's memory and its time measured in their own fresh processes"]
+    out = [
+        f"[c] Attention forward+backward vs sequence length; debugmodel dims ({dims});",
+        f"    {threads} thread(s). Time = median of a few calls; memory = ru_maxrss growth of one call over "
+        f"a",
+        "    baseline; each point's memory and its time measured in their own fresh processes",
+    ]
     if not attention:
         return out + _section_error(sections, "attention")
     points, fits = attention["points"], attention["exponents"]
@@ -217,21 +332,34 @@ def section_c(sections: dict) -> list[str]:
             top = lengths[-1]
             d, s_ = by.get((case, "dense", top)), by.get((case, "sparse", top))
             ok = d and s_ and "error" not in d and "error" not in s_
-            rows.append(["  dense/sparse", *([""] * (len(lengths) - 1)), _x(d[key], s_[key]) if ok else "n/a", ""])
-        out += [f"  {quantity}:"] + _table(["case / path", *map(str, lengths), f"exponent {attention['fit_from']}+"], rows)
+            rows.append(
+                ["  dense/sparse", *([""] * (len(lengths) - 1)), _x(d[key], s_[key]) if ok else "n/a", ""]
+            )
+        out += [f"  {quantity}:"] + _table(
+            ["case / path", *map(str, lengths), f"exponent {attention['fit_from']}+"], rows
+        )
     errors = [p for p in points if "error" in p]
     out += [f"  point {p['case']}/{p['impl']}/{p['seq_len']} failed: {p['error']}" for p in errors]
     return out
 
 
 def section_d(sections: dict) -> list[str]:
-    out = ["[d] Ours vs transformers DeepseekV4ForCausalLM (eager): debugmodel, same weights, fp32, batch 1, 2 threads"]
+    out = [
+        "[d] Ours vs transformers DeepseekV4ForCausalLM (eager): debugmodel, same weights, fp32, batch 1, 2 "
+        "threads"
+    ]
     hf = _result(sections, "hf")
     if not hf:
         return out + _section_error(sections, "hf")
-    rows = [["ours", f"{hf['ours_s']:.3f}", "1.00x"], ["transformers eager", f"{hf['hf_s']:.3f}", f"{1 / hf['speedup']:.2f}x"]]
+    rows = [
+        ["ours", f"{hf['ours_s']:.3f}", "1.00x"],
+        ["transformers eager", f"{hf['hf_s']:.3f}", f"{1 / hf['speedup']:.2f}x"],
+    ]
     out += _table([f"model (fwd+loss+bwd, {hf['seq_len']} tokens)", "median s", "speed vs ours"], rows)
-    out.append(f"  speedup ours vs transformers: {hf['speedup']:.2f}x; max |logit difference| {hf['max_abs_logit_diff']:.2e}")
+    out.append(
+        f"  speedup ours vs transformers: {hf['speedup']:.2f}x; max |logit difference| "
+        f"{hf['max_abs_logit_diff']:.2e}"
+    )
     return out
 
 
@@ -240,20 +368,42 @@ def section_e(sections: dict) -> list[str]:
     head = "[e] Ours vs TorchTitan deepseek_v3 debugmodel through the same Trainer (run_train.sh, 2 ranks, seq 512, local batch 2"
     if not titan:
         return [head + ")"] + _section_error(sections, "titan")
-    out = [head + f", {titan['steps']} steps, tps = Titan's per-rank tps averaged over the last {titan['averaged_last_steps']})"]
+    out = [
+        head + f", {titan['steps']} steps, tps = Titan's per-rank tps averaged over the last "
+        f"{titan['averaged_last_steps']})"
+    ]
     ours, theirs = titan["models"]["ours"], titan["models"]["deepseek_v3"]
-    rows = [["deepseek_v3 debugmodel", _m(theirs["params_total"]), _m(theirs["params_active"]), f"{theirs['tps']:.0f}",
-             f"{theirs['peak_memory_gib_rank0']:.2f}"],
-            [f"ours ({titan['ours_flavor']})", _m(ours["params_total"]), _m(ours["params_active"]), f"{ours['tps']:.0f}",
-             f"{ours['peak_memory_gib_rank0']:.2f}"],
-            ["ratio ours/theirs", _x(ours["params_total"], theirs["params_total"]),
-             _x(ours["params_active"], theirs["params_active"]), _x(ours["tps"], theirs["tps"]),
-             _x(ours["peak_memory_gib_rank0"], theirs["peak_memory_gib_rank0"])]]
+    rows = [
+        [
+            "deepseek_v3 debugmodel",
+            _m(theirs["params_total"]),
+            _m(theirs["params_active"]),
+            f"{theirs['tps']:.0f}",
+            f"{theirs['peak_memory_gib_rank0']:.2f}",
+        ],
+        [
+            f"ours ({titan['ours_flavor']})",
+            _m(ours["params_total"]),
+            _m(ours["params_active"]),
+            f"{ours['tps']:.0f}",
+            f"{ours['peak_memory_gib_rank0']:.2f}",
+        ],
+        [
+            "ratio ours/theirs",
+            _x(ours["params_total"], theirs["params_total"]),
+            _x(ours["params_active"], theirs["params_active"]),
+            _x(ours["tps"], theirs["tps"]),
+            _x(ours["peak_memory_gib_rank0"], theirs["peak_memory_gib_rank0"]),
+        ],
+    ]
     out += _table(["model", "params", "active", "tokens/s/rank", "peak GiB r0"], rows)
     mid = (_result(sections, "training") or {}).get(f"{MID}/parallelize")
     if mid:
         same = "matches" if mid["params_active"] == ours["params_active"] else "DIFFERS from"
-        out.append(f"  ours' active params by count_params in section a: {mid['params_active']:,} ({same} the Trainer's log)")
+        out.append(
+            f"  ours' active params by count_params in section a: {mid['params_active']:,} ({same} the "
+            f"Trainer's log)"
+        )
     return out
 
 
@@ -266,11 +416,21 @@ def section_profile(sections: dict) -> list[str]:
     phases = ", ".join(f"{k} {v:.0f} ms" for k, v in prof["phases_ms"].items())
     total = prof["total_self_cpu_ms"]
     where = "; ".join(f"{k} {100 * v / total:.0f}%" for k, v in prof["self_cpu_ms_by_where"].items())
-    out = [f"[profile] One training step of ours ({MID}, rank 0 of 2, after the timed steps), torch.profiler CPU:",
-           f"  phases (wall): {phases}; total self CPU {total:.0f} ms",
-           f"  self CPU by where: {where}"]
-    rows = [[op["name"][:70], f"{op['self_cpu_ms']:.1f}", f"{100 * op['self_cpu_ms'] / prof['total_self_cpu_ms']:.1f}%",
-             op["calls"]] for op in prof["top_ops"]]
+    out = [
+        f"[profile] One training step of ours ({MID}, rank 0 of 2, after the timed steps), torch.profiler "
+        f"CPU:",
+        f"  phases (wall): {phases}; total self CPU {total:.0f} ms",
+        f"  self CPU by where: {where}",
+    ]
+    rows = [
+        [
+            op["name"][:70],
+            f"{op['self_cpu_ms']:.1f}",
+            f"{100 * op['self_cpu_ms'] / prof['total_self_cpu_ms']:.1f}%",
+            op["calls"],
+        ]
+        for op in prof["top_ops"]
+    ]
     return out + _table(["op (top by self CPU)", "self ms", "share", "calls"], rows)
 
 
@@ -279,25 +439,45 @@ def section_targets(targets: list[Target], sections: dict) -> list[str]:
     misses = [t for t in targets if t.status == "MISS"]
     prof = ((_result(sections, "training") or {}).get(f"{MID}/parallelize") or {}).get("profile")
     if misses and prof:
-        top = ", ".join(f"{op['name']} {100 * op['self_cpu_ms'] / prof['total_self_cpu_ms']:.0f}%" for op in prof["top_ops"][:5])
+        top = ", ".join(
+            f"{op['name']} {100 * op['self_cpu_ms'] / prof['total_self_cpu_ms']:.0f}%"
+            for op in prof["top_ops"][:5]
+        )
         out.append(f"  {len(misses)} target(s) missed; where a step's CPU time goes (see [profile]): {top}")
     return out
 
 
 def load_notes(sections: dict) -> list[str]:
     """How much other processes used the two cores around each section (their noise is in its timings)."""
-    parts = [f"{name} {rec.get('busy_cores_before', 0):.1f} before / {rec.get('other_cores_during', 0):.1f} during"
-             for name, rec in sections.items()]
+    parts = [
+        f"{name} {rec.get('busy_cores_before', 0):.1f} before / {rec.get('other_cores_during', 0):.1f} during"
+        for name, rec in sections.items()
+    ]
     line = "Other processes' CPU use (cores; this machine has 2): " + ", ".join(parts)
-    noisy = [name for name, rec in sections.items()
-             if max(rec.get("busy_cores_before", 0), rec.get("other_cores_during", 0)) > BUSY_CORES]
+    noisy = [
+        name
+        for name, rec in sections.items()
+        if max(rec.get("busy_cores_before", 0), rec.get("other_cores_during", 0)) > BUSY_CORES
+    ]
     if not noisy:
         return [line, "  -> the machine was otherwise idle: timings are clean."]
-    return [line, f"  -> NOTE: {', '.join(noisy)} shared the cores with other work; their absolute timings carry",
-            "     that noise (ratios measured back to back are less affected)."]
+    return [
+        line,
+        f"  -> NOTE: {', '.join(noisy)} shared the cores with other work; their absolute timings carry",
+        "     that noise (ratios measured back to back are less affected).",
+    ]
 
 
 def render(sections: dict, targets: list[Target], header: list[str]) -> str:
-    blocks = [header, section_a(sections), section_b(sections), section_c(sections), section_d(sections),
-              section_e(sections), section_profile(sections), section_targets(targets, sections), load_notes(sections)]
+    blocks = [
+        header,
+        section_a(sections),
+        section_b(sections),
+        section_c(sections),
+        section_d(sections),
+        section_e(sections),
+        section_profile(sections),
+        section_targets(targets, sections),
+        load_notes(sections),
+    ]
     return "\n\n".join("\n".join(b) for b in blocks if b)

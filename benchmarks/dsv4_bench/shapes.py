@@ -25,7 +25,12 @@ def bench_shapes() -> dict:
         # percent (checked in every run). Section a's mid-size run (and its step profile) and section e
         # both use this one shape, so their figures cross-check.
         MID: debug.replace(
-            n_layers=6, n_heads=16, o_groups=4, q_lora_rank=1024, o_lora_rank=384, moe_inter_dim=256,
+            n_layers=6,
+            n_heads=16,
+            o_groups=4,
+            q_lora_rank=1024,
+            o_lora_rank=384,
+            moe_inter_dim=256,
             compress_ratios=list(SIX_LAYER_SCHEDULE),
         ),
     }

@@ -21,16 +21,30 @@ from .shapes import MID
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = ROOT / "benchmarks"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-STEP = re.compile(r"\[rank(\d)\].*step:\s+(\d+)\s+loss:\s+([0-9.]+).*memory:\s+([0-9.]+)GiB.*tps:\s+([0-9,]+)")
+STEP = re.compile(
+    r"\[rank(\d)\].*step:\s+(\d+)\s+loss:\s+([0-9.]+).*memory:\s+([0-9.]+)GiB.*tps:\s+([0-9,]+)"
+)
 OURS_PARAMS = re.compile(r"DeepSeek-V4 parameters: total ([\d,]+), active per token ([\d,]+)")
 TITAN_PARAMS = re.compile(r"Total parameter count: dense ([\d,]+), sparse ([\d,]+), active ([\d,]+)")
 COMMON_ARGS = [
-    "--model.hf_assets_path", "./titan_dsv4/assets/tokenizer", "--training.dataset", "dsv4_corpus",
-    "--training.seq_len", "512", "--training.local_batch_size", "2",
+    "--model.hf_assets_path",
+    "./titan_dsv4/assets/tokenizer",
+    "--training.dataset",
+    "dsv4_corpus",
+    "--training.seq_len",
+    "512",
+    "--training.local_batch_size",
+    "2",
 ]
 MODELS = {
-    "deepseek_v3": ["--model.name", "deepseek_v3", "--model.flavor", "debugmodel",
-                    "--experimental.custom_import", "titan_dsv4"],
+    "deepseek_v3": [
+        "--model.name",
+        "deepseek_v3",
+        "--model.flavor",
+        "debugmodel",
+        "--experimental.custom_import",
+        "titan_dsv4",
+    ],
     "ours": ["--model.name", "deepseek_v4", "--model.flavor", MID],
 }
 
@@ -42,12 +56,24 @@ def _int(s: str) -> int:
 def launch(model: str, steps: int, timeout: float = 420.0) -> str:
     """Run one 2-rank training through run_train.sh; returns its log (ANSI stripped)."""
     env = {
-        **os.environ, "PYTHON": sys.executable, "LOG_RANK": "0,1", "TRAIN_FILE": "dsv4_bench.launcher",
+        **os.environ,
+        "PYTHON": sys.executable,
+        "LOG_RANK": "0,1",
+        "TRAIN_FILE": "dsv4_bench.launcher",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR), os.environ.get("PYTHONPATH")])),
     }
     with tempfile.TemporaryDirectory() as dump:
-        cmd = ["./run_train.sh", "--model", "deepseek_v4", *MODELS[model], *COMMON_ARGS,
-               "--training.steps", str(steps), "--job.dump_folder", dump]
+        cmd = [
+            "./run_train.sh",
+            "--model",
+            "deepseek_v4",
+            *MODELS[model],
+            *COMMON_ARGS,
+            "--training.steps",
+            str(steps),
+            "--job.dump_folder",
+            dump,
+        ]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     log = ANSI.sub("", proc.stdout + proc.stderr)
     if proc.returncode != 0:

@@ -16,10 +16,19 @@ from .shapes import LOCAL_BATCH, SEQ_LEN
 # (parallelize_deepseek_v4 -> apply_fsdp(group_islands=True)), so layout (1) is also section a's run;
 # (2) and (3) call apply_fsdp directly, binding the HCA sync group as parallelize does.
 FSDP_LAYOUTS = {
-    "parallelize": ("(1) ours, grouped", "apply_fsdp(group_islands=True) via parallelize_deepseek_v4: per block "
-                    "1 bf16 unit + 1 fp32 island unit + 1 fp32 holder unit"),
-    "per_island": ("(2) per-island", "apply_fsdp(group_islands=False): 1 bf16 unit + one fp32 unit per island"),
-    "fp32": ("(3) all-fp32", "apply_fsdp with MixedPrecisionPolicy(fp32, fp32): no islands, 1 unit per block"),
+    "parallelize": (
+        "(1) ours, grouped",
+        "apply_fsdp(group_islands=True) via parallelize_deepseek_v4: per block "
+        "1 bf16 unit + 1 fp32 island unit + 1 fp32 holder unit",
+    ),
+    "per_island": (
+        "(2) per-island",
+        "apply_fsdp(group_islands=False): 1 bf16 unit + one fp32 unit per island",
+    ),
+    "fp32": (
+        "(3) all-fp32",
+        "apply_fsdp with MixedPrecisionPolicy(fp32, fp32): no islands, 1 unit per block",
+    ),
 }
 
 
@@ -43,7 +52,11 @@ def _build(job: TrainJob, world_size: int):
     from torchtitan.distributed import ParallelDims
 
     from titan_dsv4.infra.parallelize import (
-        apply_fsdp, bind_hca_param_sync_group, data_parallel_mesh, hca_param_sync_group, parallelize_deepseek_v4,
+        apply_fsdp,
+        bind_hca_param_sync_group,
+        data_parallel_mesh,
+        hca_param_sync_group,
+        parallelize_deepseek_v4,
     )
     from titan_dsv4.model import DeepSeekV4Model
 
@@ -53,7 +66,9 @@ def _build(job: TrainJob, world_size: int):
     config = JobConfig()
     config.training.seq_len = job.seq_len
     config.activation_checkpoint.mode = "none"
-    dims = ParallelDims(dp_replicate=1, dp_shard=world_size, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=world_size)
+    dims = ParallelDims(
+        dp_replicate=1, dp_shard=world_size, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=world_size
+    )
     dims.build_mesh()
     with torch.device("meta"):
         model = DeepSeekV4Model(args)
@@ -65,7 +80,13 @@ def _build(job: TrainJob, world_size: int):
         policy = MixedPrecisionPolicy(
             param_dtype=torch.float32 if fp32 else torch.bfloat16, reduce_dtype=torch.float32
         )
-        apply_fsdp(model, mesh, mp_policy=policy, reshard_after_forward=True, group_islands=job.layout != "per_island")
+        apply_fsdp(
+            model,
+            mesh,
+            mp_policy=policy,
+            reshard_after_forward=True,
+            group_islands=job.layout != "per_island",
+        )
         # parallelize_deepseek_v4 binds this too: without it the per-forward alignment all-reduce is missing.
         bind_hca_param_sync_group(model, hca_param_sync_group(mesh))
     model.to_empty(device="cpu")
@@ -185,7 +206,11 @@ def summarize_profile(prof, top: int = 15) -> dict:
     """Top ops by self CPU time, self CPU time by where it was spent, and each phase's wall time (ms)."""
     averages = prof.key_averages()
     phases = {e.key.strip("# "): e.cpu_time_total / 1e3 for e in averages if e.key.startswith("## ")}
-    ops = sorted((e for e in averages if not e.key.startswith("## ")), key=lambda e: e.self_cpu_time_total, reverse=True)
+    ops = sorted(
+        (e for e in averages if not e.key.startswith("## ")),
+        key=lambda e: e.self_cpu_time_total,
+        reverse=True,
+    )
     where: dict[str, float] = {}
     for event in prof.events():
         key = _where(event)
@@ -195,8 +220,12 @@ def summarize_profile(prof, top: int = 15) -> dict:
         "total_self_cpu_ms": sum(e.self_cpu_time_total for e in averages) / 1e3,
         "self_cpu_ms_by_where": dict(sorted(where.items(), key=lambda kv: -kv[1])),
         "top_ops": [
-            {"name": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "cpu_total_ms": e.cpu_time_total / 1e3,
-             "calls": e.count}
+            {
+                "name": e.key,
+                "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                "cpu_total_ms": e.cpu_time_total / 1e3,
+                "calls": e.count,
+            }
             for e in ops[:top]
         ],
     }

@@ -16,9 +16,18 @@ CONFIG_FILE = "config.json"
 
 # safetensors dtype codes -> torch dtypes (F8_E8M0 holds the released scales; I8/U8 the packed FP4 pairs).
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
     "F8_E8M0": torch.float8_e8m0fnu,
 }
 
@@ -39,8 +48,10 @@ class StoredTensor:
     @property
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {self.key!r} has dtype {self.dtype}, which no DeepSeek-V4 "
-                                  f"weight uses (known: {', '.join(DTYPES)}); the file is not a DeepSeek-V4 checkpoint")
+            raise CheckpointError(
+                f"{self.path}: tensor {self.key!r} has dtype {self.dtype}, which no DeepSeek-V4 "
+                f"weight uses (known: {', '.join(DTYPES)}); the file is not a DeepSeek-V4 checkpoint"
+            )
         return DTYPES[self.dtype]
 
     @property
@@ -50,7 +61,8 @@ class StoredTensor:
 
 def _truncated(path: str, needed: int, size: int) -> CheckpointError:
     return CheckpointError(
-        f"{path} is truncated: its safetensors header describes {needed:,} bytes but the file holds {size:,}. "
+        f"{path} is truncated: its safetensors header describes {needed:,} bytes but the file holds "
+        f"{size:,}. "
         "The download or copy was cut short; copy that file again (or re-run save_pretrained)."
     )
 
@@ -69,7 +81,9 @@ def read_header(path: str) -> dict[str, StoredTensor]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path} has no readable safetensors header; the file is corrupt: copy it again") from None
+        raise CheckpointError(
+            f"{path} has no readable safetensors header; the file is corrupt: copy it again"
+        ) from None
     header.pop("__metadata__", None)
     tensors, data_end = {}, 0
     for key, info in header.items():
@@ -83,11 +97,14 @@ def read_header(path: str) -> dict[str, StoredTensor]:
 def safetensors_files(folder: str) -> list[str]:
     """The folder's shards (not recursive, as transformers and DCP read it); refuses a folder without any."""
     if not os.path.isdir(folder):
-        raise CheckpointError(f"checkpoint folder {folder} does not exist; check --checkpoint.initial_load_path")
+        raise CheckpointError(
+            f"checkpoint folder {folder} does not exist; check --checkpoint.initial_load_path"
+        )
     files = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(SUFFIX))
     if not files:
         raise CheckpointError(
-            f"{folder} holds no *{SUFFIX} files; point --checkpoint.initial_load_path at a Hugging Face checkpoint "
+            f"{folder} holds no *{SUFFIX} files; point --checkpoint.initial_load_path at a Hugging Face "
+            f"checkpoint "
             "folder (config.json + model*.safetensors)"
         )
     return files
@@ -115,14 +132,19 @@ def scan_folder(folder: str) -> dict[str, StoredTensor]:
     for path in safetensors_files(folder):
         for key, t in read_header(path).items():
             if key in tensors:
-                raise CheckpointError(f"tensor {key!r} is stored twice, in {tensors[key].path} and {path}; "
-                                      "remove the stale shard")
+                raise CheckpointError(
+                    f"tensor {key!r} is stored twice, in {tensors[key].path} and {path}; "
+                    "remove the stale shard"
+                )
             tensors[key] = t
     if weight_map is not None:
-        absent = [k for k, f in weight_map.items() if k not in tensors or os.path.basename(tensors[k].path) != f]
+        absent = [
+            k for k, f in weight_map.items() if k not in tensors or os.path.basename(tensors[k].path) != f
+        ]
         if absent:
             raise CheckpointError(
-                f"{folder}/{INDEX_FILE} places {absent[0]!r} in {weight_map[absent[0]]}, but that shard does not hold "
+                f"{folder}/{INDEX_FILE} places {absent[0]!r} in {weight_map[absent[0]]}, but that shard does "
+                f"not hold "
                 f"it ({len(absent)} such keys). The index and the shards come from different checkpoints."
             )
     return tensors

@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import os
 
-from ..flavors import deepseek_v4_args
+from ..flavors import CHECKPOINT_FLAVOR_PREFIX, deepseek_v4_args
 from ..model.args import DeepSeekV4ModelArgs
 from .files import CONFIG_FILE, CheckpointError, read_config
 
-# ``--model.flavor hf:DIR`` names the model a checkpoint folder's config.json describes.
-CHECKPOINT_FLAVOR_PREFIX = "hf:"
-# Fields of to_hf_config() that do not change the stored model: the run's sequence length and the init scale.
-_RUNTIME_FIELDS = ("max_position_embeddings", "initializer_range")
+# Fields of to_hf_config() that do not change the stored backbone: the run's sequence length, the init
+# scale, the token ids, and the MTP depth (checked against the stored mtp.* tensors instead).
+_RUNTIME_FIELDS = (
+    "max_position_embeddings",
+    "initializer_range",
+    "bos_token_id",
+    "eos_token_id",
+    "num_nextn_predict_layers",
+)
 
 
 def model_args_from_checkpoint(folder: str) -> DeepSeekV4ModelArgs:
@@ -33,7 +38,11 @@ def stored_model_fields(args: DeepSeekV4ModelArgs) -> dict:
 def config_differences(stored: DeepSeekV4ModelArgs, built: DeepSeekV4ModelArgs) -> list[str]:
     """``field: checkpoint X, model Y`` for every field where the two models differ."""
     a, b = stored_model_fields(stored), stored_model_fields(built)
-    return [f"{k}: checkpoint {a.get(k)!r}, model {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: checkpoint {a.get(k)!r}, model {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
 
 
 def matching_flavor(args: DeepSeekV4ModelArgs) -> str | None:
@@ -46,7 +55,9 @@ def matching_flavor(args: DeepSeekV4ModelArgs) -> str | None:
 
 def flavor_for_checkpoint(folder: str) -> str:
     """A built-in flavor name when one matches, else ``hf:<folder>``, which builds the model from config.json."""
-    return matching_flavor(model_args_from_checkpoint(folder)) or CHECKPOINT_FLAVOR_PREFIX + os.path.abspath(folder)
+    return matching_flavor(model_args_from_checkpoint(folder)) or CHECKPOINT_FLAVOR_PREFIX + os.path.abspath(
+        folder
+    )
 
 
 def checkpoint_overrides(folder: str) -> dict[str, dict]:

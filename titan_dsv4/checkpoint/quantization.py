@@ -56,7 +56,9 @@ def decode_e8m0(scale: torch.Tensor) -> torch.Tensor:
         return scale.float()
     e = scale.view(torch.uint8).to(torch.int32)
     if bool((e == E8M0_NAN).any()):
-        raise QuantizationError("an e8m0 scale holds the NaN code 255; the checkpoint is corrupt: copy it again")
+        raise QuantizationError(
+            "an e8m0 scale holds the NaN code 255; the checkpoint is corrupt: copy it again"
+        )
     # e >= 1: a normal float32 with exponent field e; e == 0: 2^-127 is the subnormal with mantissa bit 22.
     bits = torch.where(e > 0, e << 23, torch.full_like(e, 1 << 22))
     return bits.view(torch.float32)

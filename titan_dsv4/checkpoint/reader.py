@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import prod
-from typing import Callable
 
 import torch
 from torch.distributed.checkpoint import HuggingFaceStorageReader
@@ -34,7 +34,6 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.futures import Future
-
 from torchtitan.tools.logging import logger
 
 from .files import CheckpointError, StoredTensor
@@ -123,18 +122,23 @@ def _encoding(weight: StoredTensor, scale: StoredTensor | None, fp8_block: tuple
     if scale is None:
         if weight.dtype in _QUANTIZED_DTYPES:
             raise CheckpointError(
-                f"{weight.path}: {weight.key!r} is stored as {weight.dtype} but has no {SCALE_SUFFIX!r} companion, "
-                "so it cannot be dequantized; the shard holding its scale is missing or from another checkpoint"
+                f"{weight.path}: {weight.key!r} is stored as {weight.dtype} but has no {SCALE_SUFFIX!r} "
+                f"companion, "
+                "so it cannot be dequantized; the shard holding its scale is missing or from another "
+                "checkpoint"
             )
         return Encoding()
     if weight.dtype == "F8_E4M3":
         enc = Encoding("fp8", scale.key, scale.path, fp8_block)
-    elif weight.dtype in ("I8", "U8") and scale.shape[-1] > 0 and (2 * weight.shape[-1]) % scale.shape[-1] == 0:
+    elif (
+        weight.dtype in ("I8", "U8") and scale.shape[-1] > 0 and (2 * weight.shape[-1]) % scale.shape[-1] == 0
+    ):
         enc = Encoding("fp4", scale.key, scale.path, (1, 2 * weight.shape[-1] // scale.shape[-1]))
     else:
         raise CheckpointError(
             f"{weight.path}: {weight.key!r} ({weight.dtype}, {list(weight.shape)}) has a scale {scale.key!r} "
-            f"{list(scale.shape)} but is neither FP8 e4m3 nor packed FP4 (int8, [out, in/2] with [out, in/32] scales)"
+            f"{list(scale.shape)} but is neither FP8 e4m3 nor packed FP4 (int8, [out, in/2] with [out, "
+            f"in/32] scales)"
         )
     want = expected_scale_shape(logical_shape(weight.shape, enc), enc.block)
     if tuple(scale.shape) != want:
@@ -162,19 +166,27 @@ def _assemble(key: str, members: list[tuple[Slot, StoredTensor, Encoding]]) -> V
     if absent or len(at) != len(members):
         j, p = absent[0] if absent else (None, None)
         raise CheckpointError(
-            f"{key}: the stored experts are incomplete or repeated (first gap: expert {j}, part {p} of {parts}; "
-            f"{len(members)} tensors for {n} experts x {parts} parts). The checkpoint is damaged: copy it again."
+            f"{key}: the stored experts are incomplete or repeated (first gap: expert {j}, part {p} of "
+            f"{parts}; "
+            f"{len(members)} tensors for {n} experts x {parts} parts). The checkpoint is damaged: copy it "
+            f"again."
         )
     shapes = {logical_shape(t.shape, e) for t, e in at.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise CheckpointError(f"{key}: the per-expert tensors disagree in shape: {sorted(shapes)}")
     rows, cols = next(iter(shapes))
-    pieces = [Piece(t, e, (j, p * rows, 0), (1, rows, cols), stacked=True) for (j, p), (t, e) in sorted(at.items())]
+    pieces = [
+        Piece(t, e, (j, p * rows, 0), (1, rows, cols), stacked=True) for (j, p), (t, e) in sorted(at.items())
+    ]
     return VirtualTensor(key, (n, parts * rows, cols), dtype, pieces)
 
 
 def plan_checkpoint(
-    folder: str, layout: str, stored: dict[str, StoredTensor], slot_of: SlotOf, fp8_block: tuple[int, int] = FP8_BLOCK
+    folder: str,
+    layout: str,
+    stored: dict[str, StoredTensor],
+    slot_of: SlotOf,
+    fp8_block: tuple[int, int] = FP8_BLOCK,
 ) -> CheckpointPlan:
     """Group the folder's tensors into transformers-layout tensors, pairing each quantized tensor with its scale."""
     owners = {key: _scale_owner(key, stored) for key in stored}
@@ -267,7 +279,9 @@ class DeepSeekV4StorageReader(HuggingFaceStorageReader):
         state, storage = {}, {}
         for key, t in self.plan.tensors.items():
             size, origin = torch.Size(t.shape), torch.Size([0] * len(t.shape))
-            state[key] = TensorStorageMetadata(TensorProperties(dtype=t.dtype), size, [ChunkStorageMetadata(origin, size)])
+            state[key] = TensorStorageMetadata(
+                TensorProperties(dtype=t.dtype), size, [ChunkStorageMetadata(origin, size)]
+            )
             storage[MetadataIndex(key, list(origin))] = key
         metadata = Metadata(state_dict_metadata=state, storage_data=storage)
         metadata.storage_meta = StorageMeta()
@@ -308,9 +322,13 @@ class DeepSeekV4StorageReader(HuggingFaceStorageReader):
                 files.close()
         for req, target in targets:
             planner.commit_tensor(req, target)
-        total = sum(os.path.getsize(p) for p in {pc.stored.path for t in self.plan.tensors.values() for pc in t.pieces})
+        total = sum(
+            os.path.getsize(p)
+            for p in {pc.stored.path for t in self.plan.tensors.values() for pc in t.pieces}
+        )
         logger.info(
-            f"Read {self.bytes_read / 2**20:.1f} MiB of the checkpoint's {total / 2**20:.1f} MiB on this rank "
+            f"Read {self.bytes_read / 2**20:.1f} MiB of the checkpoint's {total / 2**20:.1f} MiB on this "
+            f"rank "
             f"({self.plan.layout} layout{', dequantized' if self.plan.quantized else ''})"
         )
         done: Future[None] = Future()

@@ -15,8 +15,10 @@ class CheckpointMismatchError(CheckpointError):
 
 
 def _fix(folder: str) -> str:
-    return (f"Load the checkpoint of this model, or build the model the checkpoint holds: "
-            f"`python -m titan_dsv4.checkpoint.convert_config {folder}` prints the matching TOML.")
+    return (
+        f"Load the checkpoint of this model, or build the model the checkpoint holds: "
+        f"`python -m titan_dsv4.checkpoint.convert_config {folder}` prints the matching TOML."
+    )
 
 
 def _first(keys: list[str]) -> str:
@@ -44,7 +46,9 @@ def check_config(config: dict, built: DeepSeekV4ModelArgs, folder: str) -> None:
 def check_tensors(plan: CheckpointPlan, expected: dict[str, tuple[int, ...]]) -> None:
     """The checkpoint's tensors must be the model's, key for key and shape for shape."""
     missing = [k for k in expected if k not in plan.tensors]
-    unexpected = [n for k in plan.tensors if k not in expected for n in plan.disk_names(k)[:1]] + plan.unexpected
+    unexpected = [
+        n for k in plan.tensors if k not in expected for n in plan.disk_names(k)[:1]
+    ] + plan.unexpected
     wrong = [k for k in expected if k in plan.tensors and tuple(plan.tensors[k].shape) != tuple(expected[k])]
     problems = []
     if missing:
@@ -52,10 +56,14 @@ def check_tensors(plan: CheckpointPlan, expected: dict[str, tuple[int, ...]]) ->
     if unexpected:
         problems.append(f"{len(unexpected)} stored tensor(s) belong to no model tensor: {_first(unexpected)}")
     if wrong:
-        shapes = [f"{k} is {list(plan.tensors[k].shape)} on disk but {list(expected[k])} in the model" for k in wrong]
+        shapes = [
+            f"{k} is {list(plan.tensors[k].shape)} on disk but {list(expected[k])} in the model"
+            for k in wrong
+        ]
         problems.append(f"{len(wrong)} shape mismatch(es): {_first(shapes)}")
     if problems:
         raise CheckpointMismatchError(
             f"checkpoint {plan.folder} ({plan.layout} layout) does not match the model built:\n  - "
-            + "\n  - ".join(problems) + f"\n{_fix(plan.folder)}"
+            + "\n  - ".join(problems)
+            + f"\n{_fix(plan.folder)}"
         )

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl
 from torch.distributed.tensor import DTensor, Replicate
-
 from torchtitan.components.optimizer import OptimizersContainer, build_optimizers
 from torchtitan.config import Optimizer as OptimizerConfig
 from torchtitan.distributed import ParallelDims
@@ -22,19 +20,12 @@ def _moe_layers(model_parts: list[nn.Module]) -> list[nn.Module]:
     return [block.moe for part in model_parts for block in part.get_submodule("layers").values()]
 
 
-def _forwards_per_step(model_parts: list[nn.Module]) -> int:
-    """Full activation checkpointing reruns each block's forward, counting every token twice."""
-    blocks = [b for part in model_parts for b in part.get_submodule("layers").values()]
-    recomputed = any(getattr(b, "checkpoint_impl", None) is CheckpointImpl.NO_REENTRANT for b in blocks)
-    return 2 if recomputed else 1
-
-
 def update_expert_bias(model_parts: list[nn.Module], parallel_dims: ParallelDims) -> None:
     """Steer each learned router's selection bias toward uniform load over the global batch."""
     moes = _moe_layers(model_parts)
     learned = [m for m in moes if m.load_balance_coeff is not None]
     if learned:
-        counts = torch.vstack([m.tokens_per_expert for m in learned]) / _forwards_per_step(model_parts)
+        counts = torch.vstack([m.tokens_per_expert for m in learned])
         loss_mesh = parallel_dims.get_optional_mesh("loss")
         if isinstance(counts, DTensor):
             counts = counts.redistribute(placements=[Replicate()] * counts.device_mesh.ndim).to_local()
@@ -56,7 +47,10 @@ def build_optimizers_with_v4_load_balancing(
     ft_manager=None,
 ) -> OptimizersContainer:
     optimizers = build_optimizers(
-        model_parts=model_parts, optimizer_config=optimizer_config, parallel_dims=parallel_dims, ft_manager=ft_manager
+        model_parts=model_parts,
+        optimizer_config=optimizer_config,
+        parallel_dims=parallel_dims,
+        ft_manager=ft_manager,
     )
     if any(m.load_balance_coeff for m in _moe_layers(model_parts)):
         optimizers.register_step_pre_hook(lambda *a, **k: update_expert_bias(model_parts, parallel_dims))

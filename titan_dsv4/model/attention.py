@@ -15,7 +15,9 @@ from .kernels import ATTENTION_KERNELS, CompressedKV
 from .layers import ParamHolder, RMSNorm, RotaryTables, apply_rope, unweighted_rms_norm
 
 
-def gated_pool(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool) -> torch.Tensor:
+def gated_pool(
+    kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool
+) -> torch.Tensor:
     """Softmax-gated pooling of each complete window of ``ratio`` tokens into one entry.
 
     kv, gate: [B, S, c*d]; ape: [ratio, c*d]. With ``overlap`` (CSA, c = 2) entry w mixes the A halves
@@ -75,7 +77,9 @@ class Indexer(nn.Module):
             ]
             return torch.cat(picks, dim=1)
 
-    def _top_k(self, q: torch.Tensor, keys: torch.Tensor, head_w: torch.Tensor, start: int, T: int) -> torch.Tensor:
+    def _top_k(
+        self, q: torch.Tensor, keys: torch.Tensor, head_w: torch.Tensor, start: int, T: int
+    ) -> torch.Tensor:
         """Picks for queries start .. start + len(q): ReLU scores weighted per head, causal, top-k."""
         scores = torch.matmul(q.float(), keys.float().transpose(-1, -2).unsqueeze(1))  # [B, c, nI, T]
         scores = F.relu(scores) * self.head_dim**-0.5
@@ -124,7 +128,9 @@ class Compressor(nn.Module):
             if not synthetic_window:
                 return None
             padded = F.pad(x, (0, 0, 0, self.ratio - S))
-            entry = self.norm(gated_pool(self.wkv(padded), self.wgate(padded), self.ape_param(), self.ratio, False))
+            entry = self.norm(
+                gated_pool(self.wkv(padded), self.wgate(padded), self.ape_param(), self.ratio, False)
+            )
             cos, sin = rope.get("compress", 1, entry.dtype)
             return CompressedKV(apply_rope(entry, cos, sin), self.ratio, hidden=True)
         entries = gated_pool(self.wkv(x), self.wgate(x), self.ape_param(), self.ratio, self.overlap)
@@ -151,14 +157,18 @@ class Attention(nn.Module):
         self.wkv = nn.Linear(args.dim, args.head_dim, bias=False)
         self.kv_norm = RMSNorm(args.head_dim, args.norm_eps)
         # Grouped low-rank output: weight [g*o, H*d/g] acts as g independent [o, H*d/g] maps.
-        self.wo_a = nn.Linear(args.n_heads * args.head_dim // args.o_groups, args.o_groups * args.o_lora_rank, bias=False)
+        self.wo_a = nn.Linear(
+            args.n_heads * args.head_dim // args.o_groups, args.o_groups * args.o_lora_rank, bias=False
+        )
         self.wo_b = nn.Linear(args.o_groups * args.o_lora_rank, args.dim, bias=False)
         self.sinks_param = ParamHolder(args.n_heads)
         self.compressor = Compressor(args, self.kind) if self.kind in (CSA, HCA) else None
         # The attention math, a plain function (no parameters, no FSDP units): what compile wraps.
         self.attention_kernel = ATTENTION_KERNELS[args.attn_impl]
 
-    def forward(self, x: torch.Tensor, rope: RotaryTables, hca_synthetic_window: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: RotaryTables, hca_synthetic_window: bool = False
+    ) -> torch.Tensor:
         B, S, _ = x.shape
         cos, sin = rope.get(self.rope_table, S, x.dtype)
         q_latent = self.q_norm(self.wq_a(x))
@@ -176,10 +186,10 @@ class Attention(nn.Module):
         out = torch.einsum("bsgi,goi->bsgo", out, w).flatten(2)
         return self.wo_b(out)
 
-    def init_weights(self, init_std: float) -> None:
+    def init_weights(self, init_std: float, out_std: float) -> None:
         for linear in (self.wq_a, self.wq_b, self.wkv, self.wo_a):
-            nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
-        nn.init.trunc_normal_(self.wo_b.weight, mean=0.0, std=init_std)
+            nn.init.trunc_normal_(linear.weight, mean=0.0, std=init_std)
+        nn.init.trunc_normal_(self.wo_b.weight, mean=0.0, std=out_std)
         for norm in (self.q_norm, self.kv_norm):
             norm.reset_parameters()
         nn.init.zeros_(self.sinks_param.weight)
@@ -188,6 +198,6 @@ class Attention(nn.Module):
             for m in modules:
                 for name, sub in m.named_children():
                     if isinstance(sub, nn.Linear):
-                        nn.init.trunc_normal_(sub.weight, mean=0.0, std=0.02)
+                        nn.init.trunc_normal_(sub.weight, mean=0.0, std=init_std)
                 nn.init.zeros_(m.ape_param.weight)
                 m.norm.reset_parameters()

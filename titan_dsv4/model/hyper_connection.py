@@ -51,7 +51,9 @@ class HyperConnection(nn.Module):
         nn.init.ones_(self.scale)
 
 
-def hyper_residual(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def hyper_residual(
+    streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
+) -> torch.Tensor:
     """X'[k] = post[k] * out + sum_j comb[j, k] X[j], in the stream dtype (comb is not symmetric)."""
     dtype = streams.dtype
     mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)

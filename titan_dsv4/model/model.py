@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-
 from torchtitan.protocols.model import ModelProtocol
 
 from .args import HCA, DeepSeekV4ModelArgs
@@ -29,10 +28,15 @@ class TransformerBlock(nn.Module):
         self.moe = DeepSeekV4MoE(args, layer_id)
         self.residual = hyper_residual  # plain function; compile wraps it per block
         self.moe_enabled = True  # every V4 layer is MoE; Titan's AC / compile / EP helpers read this
-        self.weight_init_std = args.init_std / (2 * (layer_id + 1)) ** 0.5
+        self.init_std = args.init_std
+        self.weight_init_std = args.init_std / (2 * (layer_id + 1)) ** 0.5  # output projections, depth-scaled
 
     def forward(
-        self, streams: torch.Tensor, rope: RotaryTables, tokens: torch.Tensor, hca_synthetic_window: bool = False
+        self,
+        streams: torch.Tensor,
+        rope: RotaryTables,
+        tokens: torch.Tensor,
+        hca_synthetic_window: bool = False,
     ) -> torch.Tensor:
         # The mHC may run as an fp32 FSDP unit: its block input comes back in fp32 and is cast to the
         # streams' (compute) dtype here, as transformers casts the collapsed input to the stream dtype.
@@ -45,10 +49,10 @@ class TransformerBlock(nn.Module):
 
     def init_weights(self, buffer_device: torch.device | None) -> None:
         for hc in (self.attn_hc, self.ffn_hc):
-            hc.init_weights(0.02)
+            hc.init_weights(self.init_std)
         for norm in (self.attention_norm, self.ffn_norm):
             norm.reset_parameters()
-        self.self_attn.init_weights(self.weight_init_std)
+        self.self_attn.init_weights(self.init_std, self.weight_init_std)
         self.moe.init_weights(self.weight_init_std, buffer_device)
 
 
@@ -63,7 +67,9 @@ class DeepSeekV4Model(ModelProtocol):
         self.vocab_size = model_args.vocab_size
         self.tok_embeddings = nn.Embedding(model_args.vocab_size, model_args.dim)
         self.rope = RotaryTables(model_args)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(model_args, i) for i in range(model_args.n_layers)})
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(model_args, i) for i in range(model_args.n_layers)}
+        )
         self.hc_head = HyperHead(model_args)
         self.norm = RMSNorm(model_args.dim, model_args.norm_eps)
         self.lm_head = nn.Linear(model_args.dim, model_args.vocab_size, bias=False)
@@ -109,10 +115,12 @@ class DeepSeekV4Model(ModelProtocol):
         nn.init.normal_(self.tok_embeddings.weight)
         for layer in self.layers.values():
             layer.init_weights(buffer_device)
-        self.hc_head.init_weights(0.02)
+        self.hc_head.init_weights(self.model_args.init_std)
         self.norm.reset_parameters()
         final_out_std = self.model_args.dim**-0.5
-        nn.init.trunc_normal_(self.lm_head.weight, mean=0.0, std=final_out_std, a=-3 * final_out_std, b=3 * final_out_std)
+        nn.init.trunc_normal_(
+            self.lm_head.weight, mean=0.0, std=final_out_std, a=-3 * final_out_std, b=3 * final_out_std
+        )
 
 
 def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:

@@ -1,0 +1,176 @@
+"""The ``[deepseek_v4]`` training-config section, and the job checks TorchTitan makes late or not at all.
+
+``[job] custom_config_module = "titan_dsv4.job_config"`` (set in every shipped TOML) merges ``JobConfig``
+below into Titan's, so ``--deepseek_v4.mtp_layers 1`` works on the command line. Model args read the
+section in ``update_from_config``; ``check_job`` runs before Titan builds the tokenizer (both entry
+points), ``check_parallel_degrees`` before Titan builds its meshes (``titan_dsv4.train`` only).
+"""
+
+# No `from __future__ import annotations`: tyro resolves these field types after Titan merges the
+# dataclass into its own JobConfig, from another module.
+import os
+from dataclasses import dataclass, field
+from math import prod
+
+from .model.args import ConfigError
+
+# Set on the job config by titan_dsv4's Trainer: features only that Trainer provides are then allowed.
+TRAINER_MARK = "_titan_dsv4_trainer"
+
+
+@dataclass
+class DeepSeekV4:
+    """DeepSeek-V4 knobs; ``None`` keeps the flavor's value."""
+
+    mtp_layers: int | None = None
+    """Multi-token-prediction depths (the released checkpoints have 1; 0 builds none)."""
+    mtp_loss_weight: float | None = None
+    """Weight of the MTP loss, the mean over depths of their cross-entropies (default 0.1, as NeMo)."""
+    indexer_loss_weight: float | None = None
+    """Weight of the Lightning Indexer's KL distillation loss; 0 keeps the indexer frozen."""
+    indexer_warmup_steps: int | None = None
+    """First steps in which CSA attends every entry and only the indexer learns (dense warm-up)."""
+    attn_mask_type: str | None = None
+    """"causal" (one sequence per row) or "block_causal" (documents ending with eos stay apart)."""
+    attn_impl: str | None = None
+    """"sparse" (fast path, default) or "dense" (the masked reference)."""
+    gpu_memory_gib: float = 0.0
+    """Per-device memory the layout must fit (0: the device's own); the trainer refuses a layout that does not."""
+
+
+@dataclass
+class JobConfig:
+    deepseek_v4: DeepSeekV4 = field(default_factory=DeepSeekV4)
+
+
+def check_job(job_config) -> None:
+    """Refuse, before any compute, options Titan would refuse only when it reaches them (or never)."""
+    problems = _checkpoint_problems(
+        job_config.checkpoint, os.path.join(job_config.job.dump_folder, job_config.checkpoint.folder)
+    )
+    if (
+        job_config.checkpoint.enable
+        and job_config.checkpoint.last_save_in_hf
+        and not getattr(job_config, TRAINER_MARK, False)
+    ):
+        problems.append(
+            "checkpoint.last_save_in_hf needs titan_dsv4's trainer (it writes the int64 hash tables, "
+            "config.json "
+            "and the tokenizer TorchTitan's export leaves out): launch with ./run_train.sh or "
+            "`python -m titan_dsv4.train` instead of `python -m torchtitan.train`"
+        )
+    section = getattr(job_config, "deepseek_v4", None)
+    if (
+        section is not None
+        and (section.indexer_warmup_steps or 0) > 0
+        and not getattr(job_config, TRAINER_MARK, False)
+    ):
+        problems.append(
+            "deepseek_v4.indexer_warmup_steps needs titan_dsv4's trainer (it tells the model the step): "
+            "launch with "
+            "./run_train.sh or `python -m titan_dsv4.train`"
+        )
+    if section is not None and section.gpu_memory_gib < 0:
+        problems.append(
+            f"deepseek_v4.gpu_memory_gib={section.gpu_memory_gib} must be >= 0 (0: the device's own)"
+        )
+    if problems:
+        raise ConfigError("Invalid job config:\n  - " + "\n  - ".join(problems))
+
+
+def _checkpoint_problems(cfg, checkpoint_folder: str) -> list[str]:
+    if not cfg.enable:
+        return []
+    problems = []
+    if cfg.last_save_in_hf and not cfg.last_save_model_only:
+        problems.append(
+            "checkpoint.last_save_in_hf exports model weights only, but checkpoint.last_save_model_only "
+            "is false: add --checkpoint.last_save_model_only"
+        )
+    if cfg.initial_load_in_hf and not cfg.initial_load_model_only:
+        problems.append(
+            "checkpoint.initial_load_in_hf loads model weights only, but checkpoint.initial_load_model_only "
+            "is false: drop --checkpoint.no_initial_load_model_only"
+        )
+    if cfg.initial_load_in_hf_quantized and not cfg.initial_load_in_hf:
+        problems.append(
+            "checkpoint.initial_load_in_hf_quantized needs checkpoint.initial_load_in_hf: add "
+            "--checkpoint.initial_load_in_hf"
+        )
+    resuming = os.path.isdir(checkpoint_folder)  # Titan then ignores initial_load_path
+    if cfg.initial_load_path and not resuming and not os.path.isdir(cfg.initial_load_path):
+        problems.append(
+            f"checkpoint.initial_load_path {cfg.initial_load_path} is not a folder: point it at a "
+            "checkpoint folder (a Hugging Face folder with --checkpoint.initial_load_in_hf, or a DCP step-N "
+            "folder)"
+        )
+    return problems
+
+
+def check_checkpoint_options(cfg, checkpoint_folder: str) -> None:
+    """The checkpoint part of ``check_job`` on its own."""
+    problems = _checkpoint_problems(cfg, checkpoint_folder)
+    if problems:
+        raise ConfigError("Invalid checkpoint options:\n  - " + "\n  - ".join(problems))
+
+
+def launch_world_size(job_config) -> int:
+    """The world size Titan will initialise: NGPU in the fake comm modes, torchrun's WORLD_SIZE otherwise."""
+    if job_config.comm.mode in ("fake_backend", "local_tensor"):
+        return int(os.environ.get("NGPU", "1"))
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_parallel_degrees(p, world: int) -> None:
+    """The degrees must multiply to the world size, and EP must fit Titan's mesh (before Titan asserts)."""
+    others = {
+        "data_parallel_replicate_degree": p.data_parallel_replicate_degree,
+        "context_parallel_degree": p.context_parallel_degree,
+        "tensor_parallel_degree": p.tensor_parallel_degree,
+        "pipeline_parallel_degree": p.pipeline_parallel_degree,
+    }
+    dp_shard = p.data_parallel_shard_degree
+    below_one = [
+        f"{k}={v}"
+        for k, v in {
+            **others,
+            "expert_parallel_degree": p.expert_parallel_degree,
+            "expert_tensor_parallel_degree": p.expert_tensor_parallel_degree,
+        }.items()
+        if v < 1
+    ]
+    if dp_shard < 1 and dp_shard != -1:
+        below_one.append(f"data_parallel_shard_degree={dp_shard}")
+    if below_one:
+        raise ConfigError(
+            f"parallelism degrees must be >= 1 (data_parallel_shard_degree may be -1): got "
+            f"{', '.join(below_one)}; set them to 1 to disable that parallelism"
+        )
+    fixed = prod(others.values())
+    product = " x ".join(f"{k}={v}" for k, v in others.items() if v > 1) or "1"
+    if dp_shard == -1 and world % fixed:
+        raise ConfigError(
+            f"parallelism degrees do not divide the world size: {product} = {fixed} does not divide the "
+            f"{world} "
+            f"ranks (data_parallel_shard_degree=-1 takes the ranks left over). Pick degrees whose product "
+            f"divides "
+            f"{world}, or launch a multiple of {fixed} ranks (NGPU)."
+        )
+    if dp_shard != -1 and fixed * dp_shard != world:
+        raise ConfigError(
+            f"parallelism degrees do not match the world size: data_parallel_shard_degree={dp_shard} x "
+            f"{product} "
+            f"= {fixed * dp_shard} ranks, but the job has {world}. Set "
+            f"--parallelism.data_parallel_shard_degree -1 "
+            f"to use every remaining rank, or launch {fixed * dp_shard} ranks (NGPU={fixed * dp_shard})."
+        )
+    shard = world // fixed if dp_shard == -1 else dp_shard
+    ep, etp = p.expert_parallel_degree, p.expert_tensor_parallel_degree
+    borrowed = shard * p.context_parallel_degree * p.tensor_parallel_degree
+    if ep > 1 and borrowed % (ep * etp):
+        raise ConfigError(
+            f"expert_parallel_degree={ep} (x expert_tensor_parallel_degree={etp}) must divide "
+            f"data_parallel_shard_degree x context x tensor parallel = {borrowed}: expert parallelism "
+            f"borrows its "
+            f"ranks from those. Pick an EP degree that divides {borrowed}."
+        )
