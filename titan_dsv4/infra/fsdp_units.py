@@ -95,6 +95,7 @@ def shard_unit(
     reshard_after_forward: bool | None,
     ignored_params: set[nn.Parameter] | None = None,
     offload_policy: OffloadPolicy | None = None,
+    shard_placement_fn=None,
 ) -> None:
     """``fully_shard`` one unit (a module or a group of modules) once: never rewrap, and pass only
     the unit's own ignored parameters."""
@@ -106,11 +107,14 @@ def shard_unit(
     dtypes = {p.dtype for p in managed if p.is_floating_point()}
     if len(dtypes) > 1:
         raise ValueError(
-            f"an FSDP unit for {type(group[0]).__name__} would hold parameters of {len(dtypes)} storage dtypes "
+            f"an FSDP unit for {type(group[0]).__name__} would hold parameters of {len(dtypes)} storage "
+            f"dtypes "
             f"{sorted(map(str, dtypes))}; build the model in one dtype (training.dtype) so that fp32 islands "
             "can be split off by name"
         )
     kwargs = {"offload_policy": offload_policy} if offload_policy is not None else {}
+    if shard_placement_fn is not None:
+        kwargs["shard_placement_fn"] = shard_placement_fn
     fully_shard(
         group[0] if len(group) == 1 else group,
         mesh=mesh,
@@ -122,7 +126,9 @@ def shard_unit(
 
 
 def _params_of_nested_units(module: nn.Module) -> set[nn.Parameter]:
-    return {p for m in module.modules() if m is not module and isinstance(m, FSDPModule) for p in m.parameters()}
+    return {
+        p for m in module.modules() if m is not module and isinstance(m, FSDPModule) for p in m.parameters()
+    }
 
 
 def fp32_islands(module: nn.Module) -> list[nn.Module]:

@@ -1,19 +1,22 @@
-"""``parallelize_deepseek_v4``: the train spec's parallelize_fn (FSDP2 by the fp32 unit rules, AC)."""
+"""``parallelize_deepseek_v4``: the train spec's parallelize_fn (AC, compile, EP, FSDP2 by the fp32 unit rules)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy
-
-from torchtitan.config import JobConfig, TORCH_DTYPE_MAP
+from torch.distributed.tensor import Shard
+from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3.infra.parallelize import disable_fsdp_gradient_division
 from torchtitan.tools.logging import logger
 
+from .expert_parallel import apply_expert_parallel, deepep_available
 from .fsdp_units import shard_unit, shard_with_fp32_units
 
 # Ops whose outputs selective (op) AC keeps instead of recomputing (as Titan's deepseek_v3 does).
@@ -28,19 +31,51 @@ class UnsupportedParallelismError(NotImplementedError):
     """A parallelism degree DeepSeek-V4 does not implement yet; raised before any module is touched."""
 
 
-def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
+@dataclass(frozen=True)
+class ParallelPlan:
+    """What ``parallelize_deepseek_v4`` applied, recorded on the model so that a second call can check it."""
+
+    degrees: tuple[int, ...]  # dp_replicate, dp_shard, cp, tp, pp, ep, etp
+    ac_mode: str
+    compiled: bool
+    param_dtype: str
+    reduce_dtype: str
+
+    @classmethod
+    def of(cls, dims: ParallelDims, job_config: JobConfig) -> ParallelPlan:
+        return cls(
+            (dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp, dims.pp, dims.ep, dims.etp),
+            job_config.activation_checkpoint.mode,
+            compile_enabled(job_config),
+            job_config.training.mixed_precision_param,
+            job_config.training.mixed_precision_reduce,
+        )
+
+
+def parallelize_deepseek_v4(
+    model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig
+) -> nn.Module:
+    """AC, compile, expert parallelism and FSDP2 by the fp32 unit rules, then the HCA group; idempotent."""
+    plan = ParallelPlan.of(parallel_dims, job_config)
+    if already_parallelized(model, plan):
+        return model
     refuse_unimplemented_parallelism(parallel_dims, job_config)
-    compile_enabled = job_config.compile.enable and "model" in job_config.compile.components
     if job_config.activation_checkpoint.mode != "none":
         apply_ac(
             model,
             job_config.activation_checkpoint,
-            model_compile_enabled=compile_enabled,
+            model_compile_enabled=plan.compiled,
             op_sac_save_list=_op_sac_save_list,
             base_folder=job_config.job.dump_folder,
         )
-    if compile_enabled:
+    if plan.compiled:
         apply_compile(model, job_config.compile.backend)
+    if parallel_dims.ep_enabled:
+        apply_expert_parallel(
+            model,
+            parallel_dims.get_mesh("ep"),
+            job_config.parallelism.expert_parallel_comm_backend == "deepep",
+        )
     mesh = data_parallel_mesh(parallel_dims)
     if mesh is not None:
         apply_fsdp(
@@ -52,9 +87,30 @@ def parallelize_deepseek_v4(model: nn.Module, parallel_dims: ParallelDims, job_c
             ),
             reshard_after_forward=reshard_after_forward(job_config, parallel_dims),
             cpu_offload=job_config.training.enable_cpu_offload,
+            expert_mesh=expert_data_parallel_mesh(parallel_dims),
+            ep_degree=parallel_dims.ep,
         )
     bind_hca_param_sync_group(model, hca_param_sync_group(mesh))
+    model.parallel_plan = plan
     return model
+
+
+def compile_enabled(job_config: JobConfig) -> bool:
+    return job_config.compile.enable and "model" in job_config.compile.components
+
+
+def already_parallelized(model: nn.Module, plan: ParallelPlan) -> bool:
+    """A second call with the same plan is a no-op; with another plan it is refused (nothing is undone)."""
+    done = getattr(model, "parallel_plan", None)
+    if done is None:
+        return False
+    if done != plan:
+        raise UnsupportedParallelismError(
+            f"this model was already parallelized with {done}; it cannot be parallelized again with {plan}. "
+            "Build a fresh model (on the meta device) for another layout."
+        )
+    logger.info("parallelize_deepseek_v4: the model is already parallelized with this plan; nothing to do")
+    return True
 
 
 def hca_param_sync_group(mesh: DeviceMesh | None) -> dist.ProcessGroup | None:
@@ -87,21 +143,37 @@ def bind_hca_param_sync_group(model: nn.Module, group: dist.ProcessGroup | None)
         compressor.set_hca_param_sync_group(group)
 
 
-def refuse_unimplemented_parallelism(parallel_dims: ParallelDims, job_config: JobConfig) -> None:
-    """Fail before any work on degrees this package does not implement, naming each one."""
+def refuse_unimplemented_parallelism(
+    parallel_dims: ParallelDims, job_config: JobConfig | None = None
+) -> None:
+    """Fail before any work on degrees this package does not implement, naming each one and the fix."""
     unsupported = {
         "tensor_parallel_degree": parallel_dims.tp,
         "context_parallel_degree": parallel_dims.cp,
         "pipeline_parallel_degree": parallel_dims.pp,
-        "expert_parallel_degree": parallel_dims.ep,
+        "expert_tensor_parallel_degree": parallel_dims.etp if parallel_dims.ep > 1 else 1,
     }
     bad = {k: v for k, v in unsupported.items() if v > 1}
     if bad:
         listed = ", ".join(f"parallelism.{k}={v}" for k, v in bad.items())
         raise UnsupportedParallelismError(
             f"DeepSeek-V4 does not implement {listed} yet. Use data parallelism (FSDP / HSDP: "
-            "parallelism.data_parallel_shard_degree and data_parallel_replicate_degree) and set "
-            + ", ".join(f"--parallelism.{k} 1" for k in bad)
+            "parallelism.data_parallel_shard_degree and data_parallel_replicate_degree) and expert "
+            "parallelism "
+            "(parallelism.expert_parallel_degree), and set " + ", ".join(f"--parallelism.{k} 1" for k in bad)
+        )
+    backend = job_config.parallelism.expert_parallel_comm_backend if job_config is not None else "standard"
+    if backend not in ("standard", "deepep"):
+        raise UnsupportedParallelismError(
+            f"parallelism.expert_parallel_comm_backend={backend!r} is unknown; use 'standard' (all-to-all) "
+            f"or 'deepep'"
+        )
+    if backend == "deepep" and parallel_dims.ep > 1 and not deepep_available():
+        raise UnsupportedParallelismError(
+            "parallelism.expert_parallel_comm_backend='deepep' needs the DeepEP package (`import deep_ep` "
+            "failed; "
+            "it is a CUDA library, https://github.com/deepseek-ai/DeepEP). Install it, or use "
+            "--parallelism.expert_parallel_comm_backend standard (Titan's all-to-all)."
         )
 
 
@@ -128,6 +200,14 @@ def apply_compile(model: nn.Module, backend: str) -> None:
             setattr(block.moe, name, compiled(getattr(block.moe, name)))
     model.hc_head = compiled(model.hc_head)
     logger.info("Compiled DeepSeek-V4 blocks (mHC, norms, attention math, router, shared expert)")
+
+
+def expert_data_parallel_mesh(parallel_dims: ParallelDims) -> DeviceMesh | None:
+    """The mesh the experts' FSDP shards over under EP, as Titan builds it: ('efsdp',) or ('dp_replicate', 'efsdp')."""
+    if not parallel_dims.ep_enabled:
+        return None
+    names = ["dp_replicate", "efsdp"] if parallel_dims.dp_replicate_enabled else ["efsdp"]
+    return parallel_dims.get_mesh(names)
 
 
 def data_parallel_mesh(parallel_dims: ParallelDims) -> DeviceMesh | None:
@@ -158,16 +238,37 @@ def apply_fsdp(
     cpu_offload: bool = False,
     ignored_params: set[nn.Parameter] | None = None,
     group_islands: bool = True,
+    expert_mesh: DeviceMesh | None = None,
+    ep_degree: int = 1,
 ) -> None:
-    """Islands and blocks first, then the root (embeddings, final norm); Titan's gradient conventions."""
+    """Experts (under EP), islands and blocks first, then the root (embeddings, final norm); Titan's gradient
+    conventions.
+
+    Under EP the routed experts are their own unit on the expert data-parallel mesh, with the block's
+    policy, sharded on dim 1 when there are fewer experts than efsdp x ep ranks (as Titan's llama4/deepseek_v3).
+    """
+    offload = CPUOffloadPolicy() if cpu_offload else None
     common = dict(
         mesh=mesh,
         mp_policy=mp_policy,
         ignored_params=ignored_params,
-        offload_policy=CPUOffloadPolicy() if cpu_offload else None,
+        offload_policy=offload,
         group_islands=group_islands,
     )
     for block in model.layers.values():
+        if expert_mesh is not None:
+            experts = getattr(block, "_checkpoint_wrapped_module", block).moe.experts
+            efsdp = expert_mesh["efsdp"].size() if expert_mesh.ndim > 1 else expert_mesh.size()
+            placement = (lambda p: Shard(1)) if efsdp * ep_degree > experts.num_experts else None
+            shard_unit(
+                experts,
+                mesh=expert_mesh,
+                mp_policy=mp_policy,
+                reshard_after_forward=reshard_after_forward,
+                ignored_params=ignored_params,
+                offload_policy=offload,
+                shard_placement_fn=placement,
+            )
         shard_with_fp32_units(block, reshard_after_forward=reshard_after_forward, **common)
     shard_with_fp32_units(model, reshard_after_forward=None, **common)
     # Titan normalises the loss by the global token count: FSDP must not divide gradients again.
@@ -188,4 +289,4 @@ def force_sum_reduction(model: nn.Module) -> None:
             m.set_force_sum_reduction_for_comms(True)
 
 
-__all__ = ["parallelize_deepseek_v4", "apply_fsdp", "data_parallel_mesh", "shard_unit"]
+__all__ = ["parallelize_deepseek_v4", "apply_fsdp", "data_parallel_mesh"]

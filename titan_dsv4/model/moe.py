@@ -1,11 +1,13 @@
 """DeepSeek-V4 MoE built from TorchTitan's MoE parts.
 
-Reused from Titan unchanged: ``TokenReorderer`` (token sorting by expert), the ``GroupedExperts`` weight
-layout ``w1/w2/w3 [E, ...]`` (so Titan's expert-parallel styles and FSDP rules apply), ``MoE``'s buffers
-(``expert_bias``, ``tokens_per_expert``) and its score-after-experts combine. What V4 changes:
+Reused from Titan unchanged: the ``GroupedExperts`` weight layout ``w1/w2/w3 [E, ...]`` (so Titan's
+expert-parallel styles and FSDP rules apply), ``MoE``'s buffers (``expert_bias``, ``tokens_per_expert``)
+and its score-after-experts combine. What V4 changes:
   * router: sqrt(softplus) scores, selection bias only on selection, or a fixed token-id hash table;
   * experts and shared expert: SwiGLU clamped by ``swiglu_limit``;
-  * the MoE forward takes the token ids (hash layers route by them).
+  * the MoE forward takes the token ids (hash layers route by them);
+  * tokens are sorted by expert with ``bincount`` + a stable ``argsort`` (Titan's ``TokenReorderer`` counts
+    with ``torch.histc``, which has no CPU kernel for integer ids).
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
-
-from torchtitan.models.moe.moe import FeedForward, GroupedExperts, MoE, TokenChoiceTopKRouter, TokenReorderer
+from torchtitan.models.moe.moe import FeedForward, GroupedExperts, MoE, TokenChoiceTopKRouter
 from torchtitan.models.moe.utils import indices_padding_wrapper
 
 from .args import HASH_MOE, DeepSeekV4ModelArgs
@@ -33,15 +34,24 @@ class ClampedFeedForward(FeedForward):
         return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit))
 
 
-def _experts_for_loop(w1, w2, w3, x, num_tokens_per_expert, limit):
+def _experts_for_loop(w1, w2, w3, x, num_tokens_per_expert, limit, row_groups=None):
+    """Each expert's rows through its clamped SwiGLU; rows past ``sum(num_tokens_per_expert)`` output zeros.
+
+    ``row_groups`` [E, g] (expert parallelism): an expert's rows are g consecutive groups, one per source
+    rank, followed by padding; each group is its own matmul, so a weight's gradient is the sum of the
+    per-rank products exactly as FSDP sums them without EP, and padding rows output zeros.
+    """
     counts = num_tokens_per_expert.tolist()
-    used = sum(counts)
+    groups = [[c] for c in counts] if row_groups is None else row_groups.tolist()
     outs = []
-    for e, xe in enumerate(torch.split(x[:used], counts, dim=0)):
-        h = clamped_swiglu(xe @ w1[e].transpose(-2, -1), xe @ w3[e].transpose(-2, -1), limit)
-        outs.append(h @ w2[e].transpose(-2, -1))
+    for e, (xe, sizes) in enumerate(zip(torch.split(x[: sum(counts)], counts, dim=0), groups)):
+        used = sum(sizes)
+        for xs in torch.split(xe[:used], sizes, dim=0):
+            h = clamped_swiglu(xs @ w1[e].transpose(-2, -1), xs @ w3[e].transpose(-2, -1), limit)
+            outs.append(h @ w2[e].transpose(-2, -1))
+        outs.append(x.new_zeros(counts[e] - used, w2.shape[1]))
     out = torch.cat(outs, dim=0)
-    return torch.vstack((out, out.new_zeros((x.shape[0] - used, out.shape[-1]))))
+    return torch.vstack((out, out.new_zeros((x.shape[0] - out.shape[0], out.shape[-1]))))
 
 
 def _experts_grouped_mm(w1, w2, w3, x, num_tokens_per_expert, limit):
@@ -59,11 +69,12 @@ class ClampedGroupedExperts(GroupedExperts):
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, use_grouped_mm: bool, limit: float):
         super().__init__(dim, hidden_dim, num_experts, use_grouped_mm)
         self.limit = limit
+        self.row_groups = None  # [local experts, EP ranks] rows per source rank, set by the EP dispatch
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
         if not self.use_grouped_mm or x.device.type != "cuda":  # grouped mm is a CUDA (SM90+) kernel
-            return _experts_for_loop(w1, w2, w3, x, num_tokens_per_expert, self.limit)
+            return _experts_for_loop(w1, w2, w3, x, num_tokens_per_expert, self.limit, self.row_groups)
         fn = lambda *a: _experts_grouped_mm(*a, self.limit)  # noqa: E731
         ep_sharded = isinstance(self.w1, DTensor) and "ep" in self.w1.device_mesh.mesh_dim_names
         if not ep_sharded:
@@ -72,7 +83,7 @@ class ClampedGroupedExperts(GroupedExperts):
 
 
 class DeepSeekV4Router(TokenChoiceTopKRouter):
-    """sqrtsoftplus router; ``hash_routed`` layers select experts by ``tid2eid[token_id]`` instead of top-k.
+    """sqrtsoftplus (or sigmoid) router; ``hash_routed`` layers select experts by ``tid2eid[token_id]`` instead of top-k.
 
     Scores are evaluated in fp32 (as Titan's routers and NeMo do; transformers uses the model dtype,
     which is the same in fp32). Weights are the unbiased scores of the chosen experts, renormalised
@@ -93,18 +104,23 @@ class DeepSeekV4Router(TokenChoiceTopKRouter):
             gate_bias=False,
             _debug_force_load_balance=m._debug_force_load_balance,
         )
-        self.score_func = "sqrtsoftplus"
+        self.score_func = m.score_func  # "sqrtsoftplus" (the released models) or "sigmoid"
         self.hash_routed = hash_routed
         if hash_routed:
-            self.register_buffer("tid2eid", torch.zeros(args.vocab_size, m.top_k, dtype=torch.long), persistent=True)
+            self.register_buffer(
+                "tid2eid", torch.zeros(args.vocab_size, m.top_k, dtype=torch.long), persistent=True
+            )
 
     def forward(
         self, x: torch.Tensor, expert_bias: torch.Tensor | None = None, token_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        scores = F.softplus(self.gate(x).float()).sqrt()
+        logits = self.gate(x).float()
+        scores = F.softplus(logits).sqrt() if self.score_func == "sqrtsoftplus" else torch.sigmoid(logits)
         if self.hash_routed:
             if token_ids is None:
-                raise ValueError("a hash-routed MoE layer needs the token ids (pass tokens to the model forward)")
+                raise ValueError(
+                    "a hash-routed MoE layer needs the token ids (pass tokens to the model forward)"
+                )
             selected = self.tid2eid[token_ids.reshape(-1)].long()
         else:
             choice = scores if expert_bias is None else scores + expert_bias
@@ -113,7 +129,7 @@ class DeepSeekV4Router(TokenChoiceTopKRouter):
             selected, _ = self._debug_force_load_balance_routing(scores)
         top = scores.gather(dim=1, index=selected)
         top = top / (top.sum(dim=-1, keepdim=True) + 1e-20) * self.route_scale
-        counts = torch.bincount(selected.reshape(-1), minlength=self.num_experts).float()
+        counts = torch.bincount(selected.reshape(-1), minlength=self.num_experts)
         return top, selected, counts
 
 
@@ -128,30 +144,46 @@ class DeepSeekV4MoE(MoE):
             args.dim, args.moe_inter_dim, m.num_experts, m.use_grouped_mm, args.swiglu_limit
         )
         self.router = DeepSeekV4Router(args, hash_routed)
-        self.reorderer = TokenReorderer(num_experts=m.num_experts, top_k=m.top_k)
         self.shared_experts = ClampedFeedForward(args.dim, args.moe_inter_dim, args.swiglu_limit)
         self.score_before_experts = False
         # Hash layers have no selection bias, so nothing for the load-balancing update to steer.
         self.load_balance_coeff = None if hash_routed else m.load_balance_coeff
         if self.load_balance_coeff is not None:
-            self.register_buffer("expert_bias", torch.zeros(m.num_experts, dtype=torch.float32), persistent=True)
+            self.register_buffer(
+                "expert_bias", torch.zeros(m.num_experts, dtype=torch.float32), persistent=True
+            )
         else:
             self.expert_bias = None
-        self.register_buffer("tokens_per_expert", torch.zeros(m.num_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(m.num_experts, dtype=torch.float32), persistent=False
+        )
+        self.uses_deepep = False  # set by infra.expert_parallel when DeepEP dispatches the tokens
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         bs, slen, dim = x.shape
         x = x.view(-1, dim)
-        top_scores, selected, counts = self.router(x, self.expert_bias, token_ids)
+        top_scores, selected, num_tokens_per_expert = self.router(x, self.expert_bias, token_ids)
         with torch.no_grad():
-            self.tokens_per_expert.add_(counts)
-        _, sorted_slots, num_tokens_per_expert = self.reorderer(top_scores, selected)
+            self.tokens_per_expert.add_(num_tokens_per_expert)
+        if self.uses_deepep:
+            return self._forward_deepep(x, top_scores, selected, num_tokens_per_expert).reshape(bs, slen, dim)
+        sorted_slots = torch.argsort(selected.reshape(-1), stable=True)  # (token, k) slots grouped by expert
         k = self.router.top_k
         routed_output = self.experts(x[sorted_slots // k], num_tokens_per_expert)
         unsorted = torch.zeros((bs * slen * k, dim), dtype=routed_output.dtype, device=routed_output.device)
         unsorted[sorted_slots] = routed_output
         routed = torch.bmm(top_scores.reshape(-1, 1, k), unsorted.reshape(-1, k, dim).float()).squeeze(1)
         return (self.shared_experts(x) + routed.to(x.dtype)).reshape(bs, slen, dim)
+
+    def _forward_deepep(self, x, top_scores, selected, num_tokens_per_expert) -> torch.Tensor:
+        """Titan's DeepEP MoE order: DeepEP dispatches, the combine (weights applied after W2) overlaps the
+        shared expert. Not exercised here (DeepEP is CUDA-only); mirrors ``torchtitan.models.moe.DeepEPMoE``."""
+        from torchtitan.distributed.deepep import sync_combine
+
+        routed = self.experts(x, num_tokens_per_expert, selected, top_scores, self.experts.num_experts)
+        shared = self.shared_experts(x)
+        sync_combine()
+        return shared + routed.to(x.dtype)
 
     def init_weights(self, init_std: float, buffer_device: torch.device | None) -> None:
         self.experts.init_weights(init_std)
