@@ -64,6 +64,8 @@ _LAYER = {
 }
 # Stored FP8 in the released instruct checkpoints (dsv4-architecture.md §7.3); routed experts are FP4.
 _FP8 = (
+    "e_proj.weight",
+    "h_proj.weight",
     "attn.wq_a.weight",
     "attn.wq_b.weight",
     "attn.wkv.weight",
@@ -76,6 +78,8 @@ _FP8 = (
 )
 # Stored BF16 in those checkpoints; the mHC, HyperHead, sinks, ape and gate bias stay FP32.
 _BF16 = (
+    "enorm.weight",
+    "hnorm.weight",
     "embed.weight",
     "head.weight",
     "norm.weight",
@@ -178,7 +182,7 @@ def quantize_released(tensors: dict[str, torch.Tensor], seed: int = 0) -> tuple[
     g = torch.Generator().manual_seed(seed)
     stored, values = {}, {}
     for key, w in tensors.items():
-        suffix = key.split(".", 2)[-1] if key.startswith("layers.") else key
+        suffix = key.split(".", 2)[-1] if key.startswith(("layers.", "mtp.")) else key
         if ".ffn.experts." in key:
             stored[key], stored[key[: -len(".weight")] + ".scale"], values[key] = random_fp4(*w.shape, g)
         elif suffix in _FP8:
@@ -207,6 +211,60 @@ def write_shards(folder: str, tensors: dict[str, torch.Tensor], config: dict, n_
         json.dump({"metadata": {}, "weight_map": weight_map}, fh)
     with open(os.path.join(folder, "config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
+
+
+def released_mtp_depth(args, g: torch.Generator, depth: int = 0) -> dict[str, torch.Tensor]:
+    """A whole MTP depth under DeepSeek's released names (spec section 6 / 7.2), random fp32 values: the
+    block is a sliding-window block (no compressor) with a learned router, plus e_proj / h_proj, three
+    norms and its own HyperHead."""
+    D, n, H, d, q = args.dim, args.hc_mult, args.n_heads, args.head_dim, args.q_lora_rank
+    E, inter, g_o = args.moe_args.num_experts, args.moe_inter_dim, args.o_groups * args.o_lora_rank
+    shapes = {
+        "e_proj.weight": (D, D),
+        "h_proj.weight": (D, D),
+        "enorm.weight": (D,),
+        "hnorm.weight": (D,),
+        "norm.weight": (D,),
+        "hc_head_fn": (n, n * D),
+        "hc_head_base": (n,),
+        "hc_head_scale": (1,),
+        "attn_norm.weight": (D,),
+        "ffn_norm.weight": (D,),
+        "hc_attn_fn": ((2 + n) * n, n * D),
+        "hc_attn_base": ((2 + n) * n,),
+        "hc_attn_scale": (3,),
+        "hc_ffn_fn": ((2 + n) * n, n * D),
+        "hc_ffn_base": ((2 + n) * n,),
+        "hc_ffn_scale": (3,),
+        "attn.wq_a.weight": (q, D),
+        "attn.q_norm.weight": (q,),
+        "attn.wq_b.weight": (H * d, q),
+        "attn.wkv.weight": (d, D),
+        "attn.kv_norm.weight": (d,),
+        "attn.wo_a.weight": (g_o, H * d // args.o_groups),
+        "attn.wo_b.weight": (D, g_o),
+        "attn.attn_sink": (H,),
+        "ffn.gate.weight": (E, D),
+        "ffn.gate.bias": (E,),
+        "ffn.shared_experts.w1.weight": (inter, D),
+        "ffn.shared_experts.w3.weight": (inter, D),
+        "ffn.shared_experts.w2.weight": (D, inter),
+    }
+    for j in range(E):
+        shapes.update(
+            {
+                f"ffn.experts.{j}.w1.weight": (inter, D),
+                f"ffn.experts.{j}.w3.weight": (inter, D),
+                f"ffn.experts.{j}.w2.weight": (D, inter),
+            }
+        )
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith(("norm.weight", "scale")):
+            out[f"mtp.{depth}.{name}"] = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            out[f"mtp.{depth}.{name}"] = 0.05 * torch.randn(shape, generator=g)
+    return out
 
 
 def mtp_tensors(args) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -14,3 +15,12 @@ def debug_args():
     from titan_dsv4.flavors import deepseek_v4_args
 
     return deepseek_v4_args["debugmodel"].replace()
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-exact comparisons: CPU scatter-add backward sums in thread order, so run on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

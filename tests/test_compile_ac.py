@@ -58,3 +58,48 @@ def test_full_ac_and_compile_keep_numerics_and_islands():
     assert abs(full_ac["loss"] - eager["loss"]) < 1e-6
     assert abs(compiled["loss"] - eager["loss"]) < 1e-2  # inductor reorders bf16 math
     assert abs(compiled["grad_norm"] - eager["grad_norm"]) < 1e-2 * eager["grad_norm"]
+
+
+def _twice(rank, world_size):
+    import torch.distributed as dist
+    from sharded import dims, job
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torchtitan.distributed.utils import init_fake_mode
+
+    from titan_dsv4.flavors import deepseek_v4_args
+    from titan_dsv4.infra.parallelize import UnsupportedParallelismError, parallelize_deepseek_v4
+    from titan_dsv4.infra.unit_plan import fsdp_units
+    from titan_dsv4.model import DeepSeekV4Model
+
+    init_fake_mode(2, "fake_backend")
+    with torch.device("meta"):
+        model = DeepSeekV4Model(deepseek_v4_args["debugmodel"].replace(mtp_layers=1))
+    config = job("bfloat16", ac="full", compile_model=True)
+    parallel = dims(2, dp_shard=2)
+    parallelize_deepseek_v4(model, parallel, config)
+    before = (fsdp_units(model), [type(m).__name__ for m in model.modules()])
+    parallelize_deepseek_v4(model, parallel, config)
+    after = (fsdp_units(model), [type(m).__name__ for m in model.modules()])
+    block = model.layers["0"]
+    wrapped_once = isinstance(block, CheckpointWrapper) and not isinstance(
+        block._checkpoint_wrapped_module, CheckpointWrapper
+    )
+    compiled_once = not hasattr(block._checkpoint_wrapped_module.attn_hc._orig_mod, "_orig_mod")
+    refused = None
+    try:
+        parallelize_deepseek_v4(model, parallel, job("bfloat16", ac="none"))
+    except UnsupportedParallelismError as e:
+        refused = str(e)
+    dist.destroy_process_group()
+    return {
+        "same": before == after,
+        "wrapped_once": wrapped_once,
+        "compiled_once": compiled_once,
+        "refused": refused,
+    }
+
+
+def test_parallelize_twice_with_ac_and_compile_changes_nothing():
+    out = run_on_ranks(_twice, 1, backend=None)[0]
+    assert out["same"] and out["wrapped_once"] and out["compiled_once"]
+    assert "already parallelized" in out["refused"] and "ac_mode='none'" in out["refused"]

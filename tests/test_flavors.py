@@ -31,10 +31,13 @@ def test_released_shapes_match_published_parameter_counts(flavor, backbone, acti
     with torch.device("meta"):
         model = DeepSeekV4Model(args)
     counts = count_param_groups(args, model)
-    assert counts.total == analytic_nparams(args.replace(mtp_layers=0))  # the MTP block is not built yet
+    assert counts.total == analytic_nparams(args)
     assert counts.backbone_total == backbone
+    assert counts.mtp_total > 0 and all(
+        n.startswith("mtp.layers.0.") for n, _ in model.named_parameters() if n.startswith("mtp")
+    )
     if with_mtp_t is not None:
-        assert round(analytic_nparams(args) / 1e12, 1) == with_mtp_t
+        assert round(counts.total / 1e12, 1) == with_mtp_t
     assert active_range_b[0] * 1e9 <= counts.backbone_active < active_range_b[1] * 1e9
     nparams, flops = args.get_nparams_and_flops(model, 4096)
     assert nparams == counts.total and flops > 6 * counts.active  # attention adds to 6 N_active

@@ -163,15 +163,17 @@ def test_synthetic_window_leaves_outputs_unchanged_and_zero_length_is_an_error()
     import pytest
 
     from titan_dsv4.model import DeepSeekV4Model
+    from titan_dsv4.model.context import ForwardContext
 
     model = DeepSeekV4Model(_meta_model().model_args.replace())
     model.init_weights()
     x = torch.randint(0, 2048, (1, 64))
     attn = model.layers["2"].self_attn
     h = torch.randn(1, 64, 256)
+    synthetic, plain = (ForwardContext(model.rope, x, hca_synthetic_window=flag) for flag in (True, False))
     # the synthetic entry gets probability exactly 0; only the matmul's summation order can change
-    torch.testing.assert_close(attn(h, model.rope, True), attn(h, model.rope, False), rtol=0, atol=1e-6)
-    compressed = attn.compressor(h, attn.q_norm(attn.wq_a(h)), model.rope, synthetic_window=True)
+    torch.testing.assert_close(attn(h, synthetic)[0], attn(h, plain)[0], rtol=0, atol=1e-6)
+    compressed, _ = attn.compressor(h, attn.q_norm(attn.wq_a(h)), synthetic)
     assert compressed.entries.shape == (1, 1, 128) and compressed.hidden
     assert not compressed.visible(64).any()
     model.hca_compressors()[0].set_hca_param_sync_group(object())  # any bound group: checked before comms

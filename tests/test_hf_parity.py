@@ -98,11 +98,14 @@ def test_schedule_covers_every_kind(pair):
 
 def test_indexer_really_selects(pair):
     _, ours, args, tokens = pair
+    from titan_dsv4.model.context import ForwardContext
+
     attn = ours.layers["1"].self_attn
     S = tokens.shape[1]
     x = torch.randn(2, S, args.dim)
     q_latent = attn.q_norm(attn.wq_a(x))
-    picked = attn.compressor.indexer(x, q_latent, ours.rope)
+    _, scoring = attn.compressor(x, q_latent, ForwardContext(ours.rope, tokens))
+    picked = scoring.picked
     visible_counts = (torch.arange(S) + 1) // args.csa_ratio
     assert (visible_counts > args.index_topk).any()  # late queries see more entries than top-k
     assert picked.shape[-1] == args.index_topk

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torchtitan.protocols.train_spec as train_spec_module
-from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.tokenizer import build_hf_tokenizer
 from torchtitan.components.validate import build_validator
@@ -13,6 +12,8 @@ from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 from . import data
 from .checkpoint.adapter import DeepSeekV4CheckpointAdapter
 from .flavors import deepseek_v4_args
+from .infra.loss import build_deepseek_v4_loss
+from .infra.metrics import build_deepseek_v4_metrics_processor
 from .infra.optimizer import build_optimizers_with_v4_load_balancing
 from .infra.parallelize import parallelize_deepseek_v4
 from .job_config import check_job
@@ -37,8 +38,9 @@ def get_train_spec() -> TrainSpec:
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_text_dataloader,
         build_tokenizer_fn=build_tokenizer_after_job_checks,
-        build_loss_fn=build_cross_entropy_loss,
+        build_loss_fn=build_deepseek_v4_loss,
         build_validator_fn=build_validator,
+        build_metrics_processor_fn=build_deepseek_v4_metrics_processor,
         state_dict_adapter=DeepSeekV4CheckpointAdapter,
     )
 

@@ -60,39 +60,71 @@ RELEASED_BLOCK = {
     "ffn.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
     "ffn.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
 }
-_RELEASED_EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight$")
+# An MTP depth outside its block, released name -> the name map's (``mtp.{k}.`` + this).
+RELEASED_MTP = {
+    "e_proj.weight": "e_proj.weight",
+    "h_proj.weight": "h_proj.weight",
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "norm.weight": "norm.weight",
+    "hc_head_fn": "hc_head.hc_fn",
+    "hc_head_base": "hc_head.hc_base",
+    "hc_head_scale": "hc_head.hc_scale",
+}
+_RELEASED_EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w[123])\.weight$")
 _RELEASED_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
+_MTP_KEY = re.compile(r"^mtp\.(\d+)\.(.+)$")
 _SAVED_LAYER_KEY = re.compile(r"^model\.layers\.\d+\.(attn|ffn)[._]")
 # w1 (gate) and w3 (up) are the two row halves of transformers' gate_up_proj; w2 is down_proj.
 EXPERT_SLOTS = {"w1": ("gate_up_proj", 0, 2), "w3": ("gate_up_proj", 1, 2), "w2": ("down_proj", 0, 1)}
 TRANSFORMERS, SAVE_PRETRAINED, RELEASED = "transformers", "transformers save_pretrained", "released"
 
 
+def _block_slot(prefix: str, rest: str) -> Slot | None:
+    """A block's released key (after its layer or depth prefix) -> its slot under ``prefix``."""
+    if rest in RELEASED_BLOCK:
+        return Slot(prefix + RELEASED_BLOCK[rest])
+    m = _RELEASED_EXPERT.match(rest)
+    if m is None:
+        return None
+    expert, w = m.groups()
+    name, part, parts = EXPERT_SLOTS[w]
+    return Slot(f"{prefix}mlp.experts.{name}", int(expert), part, parts)
+
+
 def _released_slot(key: str) -> Slot | None:
     if key in RELEASED_GLOBAL:
         return Slot(RELEASED_GLOBAL[key])
-    m = _RELEASED_EXPERT.match(key)
-    if m is not None:
-        layer, expert, w = m.groups()
-        name, part, parts = EXPERT_SLOTS[w]
-        return Slot(f"model.layers.{layer}.mlp.experts.{name}", int(expert), part, parts)
     m = _RELEASED_LAYER_KEY.match(key)
-    if m is not None and m.group(2) in RELEASED_BLOCK:
-        return Slot(f"model.layers.{m.group(1)}.{RELEASED_BLOCK[m.group(2)]}")
-    return None
+    return None if m is None else _block_slot(f"model.layers.{m.group(1)}.", m.group(2))
 
 
-def disk_slot(key: str) -> Slot | None:
+def disk_slot(key: str, mtp_layers: int = 0) -> Slot | None:
     """Where a stored tensor lands in the transformers layout, in any of the three namings.
 
     transformers' in-memory names stay; save_pretrained and released names are renamed (per-expert
-    tensors become slices of the stacked experts); MTP tensors are SKIP; None marks an unknown key.
+    tensors become slices of the stacked experts); MTP depths the model does not build are SKIP; None
+    marks an unknown key.
     """
-    if key.startswith(("mtp.", "model.mtp.")):
-        return SKIP
+    key = key.removeprefix("model.") if key.startswith("model.mtp.") else key
+    m = _MTP_KEY.match(key)
+    if m is not None:
+        depth, rest = int(m.group(1)), m.group(2)
+        if depth >= mtp_layers:
+            return SKIP
+        if is_transformers_key(key):
+            return Slot(key)
+        prefix = f"mtp.{depth}."
+        return Slot(prefix + RELEASED_MTP[rest]) if rest in RELEASED_MTP else _block_slot(prefix, rest)
     if is_transformers_key(key):
         return Slot(key)
     return _released_slot(key.removeprefix("model."))
+
+
+def stored_mtp_depths(keys) -> int:
+    """How many MTP depths a folder stores (0 when it has no ``mtp.*`` tensor)."""
+    depths = {int(m.group(1)) for k in keys if (m := _MTP_KEY.match(k.removeprefix("model."))) is not None}
+    return max(depths) + 1 if depths else 0
 
 
 def detect_layout(keys) -> str | None:
@@ -107,11 +139,11 @@ def detect_layout(keys) -> str | None:
     return TRANSFORMERS
 
 
-def index_in_transformers_names(mapping: dict[str, int]) -> dict[str, int]:
+def index_in_transformers_names(mapping: dict[str, int], mtp_layers: int = 0) -> dict[str, int]:
     """An index's shard numbers keyed by transformers names (stacked experts go where their first piece is)."""
     out: dict[str, int] = {}
     for key, index in sorted(mapping.items(), key=lambda kv: kv[1]):
-        slot = disk_slot(key)
+        slot = disk_slot(key, mtp_layers)
         if slot is not None and slot is not SKIP:
             out.setdefault(slot.key, index)
     return out

@@ -70,6 +70,8 @@ class DeepSeekV4CheckpointManager(CheckpointManager):
         tables = hash_tables(self.states[MODEL].state_dict())  # uncast: export_dtype may not hold expert ids
         weights = {k: v for k, v in state_dict.items() if k not in tables}
         result = super().dcp_save(weights, checkpoint_id, async_mode, enable_garbage_collection, to_hf)
+        if dist.is_initialized():
+            dist.barrier()  # every rank's consolidated shard is on disk before rank 0 edits the folder
         if not dist.is_initialized() or dist.get_rank() == 0:
             complete_hf_export(checkpoint_id, self.sd_adapter, tables, self.export_dtype)
         return result

@@ -91,7 +91,13 @@ class CheckpointPlan:
     layout: str
     tensors: dict[str, VirtualTensor]
     unexpected: list[str] = field(default_factory=list)  # on-disk keys that map to no model tensor
-    skipped: list[str] = field(default_factory=list)  # on-disk keys not trained here (MTP)
+    skipped: list[str] = field(default_factory=list)  # on-disk keys of MTP depths the model does not build
+    kept: list[str] = field(default_factory=list)  # model tensors the folder lacks, kept as initialised (MTP)
+
+    def keep(self, key: str, shape: tuple[int, ...]) -> None:
+        """Serve ``key`` as "already loaded": no piece is read, the model keeps its initial values."""
+        self.tensors[key] = VirtualTensor(key, tuple(shape), torch.float32, [])
+        self.kept.append(key)
 
     @property
     def quantized(self) -> bool:

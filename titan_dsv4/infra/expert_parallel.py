@@ -73,7 +73,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, use_deepep: boo
     if use_deepep:
         from torchtitan.distributed.expert_parallel import DeepEPExpertParallel
 
-    for block in model.layers.values():
+    for block in model.blocks():  # the MTP depths' blocks included
         moe = getattr(block, "_checkpoint_wrapped_module", block).moe
         style = DeepEPExpertParallel(score_before_experts=False) if use_deepep else CPUExpertParallel()
         parallelize_module(moe.experts, ep_mesh, style)

@@ -81,10 +81,10 @@ def computes_in_fp32(module: nn.Module, policy: MixedPrecisionPolicy) -> bool:
 
 
 def is_deepseek_v4(module: nn.Module) -> bool:
-    from titan_dsv4.model.model import DeepSeekV4Model, TransformerBlock
+    from titan_dsv4.model.model import DeepSeekV4Model, MTPDepth, TransformerBlock
 
     inner = getattr(module, "_checkpoint_wrapped_module", getattr(module, "_orig_mod", module))
-    return isinstance(inner, (DeepSeekV4Model, TransformerBlock))
+    return isinstance(inner, (DeepSeekV4Model, TransformerBlock, MTPDepth))
 
 
 def shard_unit(

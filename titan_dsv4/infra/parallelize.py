@@ -61,13 +61,14 @@ def parallelize_deepseek_v4(
         return model
     refuse_unimplemented_parallelism(parallel_dims, job_config)
     if job_config.activation_checkpoint.mode != "none":
-        apply_ac(
-            model,
-            job_config.activation_checkpoint,
-            model_compile_enabled=plan.compiled,
-            op_sac_save_list=_op_sac_save_list,
-            base_folder=job_config.job.dump_folder,
-        )
+        for stack in block_stacks(model):  # the backbone's layers, and the MTP depths as blocks of their own
+            apply_ac(
+                stack,
+                job_config.activation_checkpoint,
+                model_compile_enabled=plan.compiled,
+                op_sac_save_list=_op_sac_save_list,
+                base_folder=job_config.job.dump_folder,
+            )
     if plan.compiled:
         apply_compile(model, job_config.compile.backend)
     if parallel_dims.ep_enabled:
@@ -93,6 +94,11 @@ def parallelize_deepseek_v4(
     bind_hca_param_sync_group(model, hca_param_sync_group(mesh))
     model.parallel_plan = plan
     return model
+
+
+def block_stacks(model: nn.Module) -> list[nn.Module]:
+    """Modules whose ``layers`` are FSDP/AC units: the model, and its MTP module when it has one."""
+    return [model] + ([model.mtp] if hasattr(model, "mtp") else [])
 
 
 def compile_enabled(job_config: JobConfig) -> bool:
@@ -190,7 +196,7 @@ def apply_compile(model: nn.Module, backend: str) -> None:
     def compiled(fn):
         return torch.compile(fn, backend=backend, fullgraph=True)
 
-    for block in model.layers.values():
+    for block in model.blocks():
         block = getattr(block, "_checkpoint_wrapped_module", block)
         for name in ("attn_hc", "ffn_hc", "attention_norm", "ffn_norm"):
             setattr(block, name, compiled(getattr(block, name)))
@@ -198,7 +204,10 @@ def apply_compile(model: nn.Module, backend: str) -> None:
         block.self_attn.attention_kernel = compiled(block.self_attn.attention_kernel)
         for name in ("router", "shared_experts"):  # experts: dynamic per-expert splits, as in Titan
             setattr(block.moe, name, compiled(getattr(block.moe, name)))
-    model.hc_head = compiled(model.hc_head)
+    for head_owner in [model] + [
+        _inner(d) for stack in block_stacks(model)[1:] for d in stack.layers.values()
+    ]:
+        head_owner.hc_head = compiled(head_owner.hc_head)
     logger.info("Compiled DeepSeek-V4 blocks (mHC, norms, attention math, router, shared expert)")
 
 
@@ -255,26 +264,37 @@ def apply_fsdp(
         offload_policy=offload,
         group_islands=group_islands,
     )
-    for block in model.layers.values():
-        if expert_mesh is not None:
-            experts = getattr(block, "_checkpoint_wrapped_module", block).moe.experts
-            efsdp = expert_mesh["efsdp"].size() if expert_mesh.ndim > 1 else expert_mesh.size()
-            placement = (lambda p: Shard(1)) if efsdp * ep_degree > experts.num_experts else None
-            shard_unit(
-                experts,
-                mesh=expert_mesh,
-                mp_policy=mp_policy,
-                reshard_after_forward=reshard_after_forward,
-                ignored_params=ignored_params,
-                offload_policy=offload,
-                shard_placement_fn=placement,
-            )
-        shard_with_fp32_units(block, reshard_after_forward=reshard_after_forward, **common)
+    for stack in block_stacks(model):
+        for unit in stack.layers.values():  # a backbone block, or an MTP depth around its block
+            if expert_mesh is not None:
+                experts = _block_of(unit).moe.experts
+                efsdp = expert_mesh["efsdp"].size() if expert_mesh.ndim > 1 else expert_mesh.size()
+                placement = (lambda p: Shard(1)) if efsdp * ep_degree > experts.num_experts else None
+                shard_unit(
+                    experts,
+                    mesh=expert_mesh,
+                    mp_policy=mp_policy,
+                    reshard_after_forward=reshard_after_forward,
+                    ignored_params=ignored_params,
+                    offload_policy=offload,
+                    shard_placement_fn=placement,
+                )
+            shard_with_fp32_units(unit, reshard_after_forward=reshard_after_forward, **common)
     shard_with_fp32_units(model, reshard_after_forward=None, **common)
     # Titan normalises the loss by the global token count: FSDP must not divide gradients again.
     disable_fsdp_gradient_division(model)
     if uses_gloo(mesh):
         force_sum_reduction(model)
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    return getattr(module, "_checkpoint_wrapped_module", module)
+
+
+def _block_of(unit: nn.Module) -> nn.Module:
+    """The transformer block of an FSDP block unit (an MTP depth holds one)."""
+    inner = _inner(unit)
+    return getattr(inner, "block", inner)
 
 
 def uses_gloo(mesh: DeviceMesh) -> bool:

@@ -15,7 +15,7 @@ from .fsdp_units import canonical_name
 class UnitInfo:
     name: str  # the first module's qualified name
     members: tuple[str, ...]  # every module of the unit (several for a grouped unit)
-    kind: str  # "island", "holder", "experts" (under EP), "block" or "root"
+    kind: str  # "island", "holder", "experts" (under EP), "block", "mtp" (a depth) or "root"
     storage_dtypes: frozenset
     compute_dtypes: frozenset
     reduce_dtype: torch.dtype | None
@@ -28,7 +28,7 @@ class UnitInfo:
 
 def _kind(name: str, module: nn.Module, is_root: bool) -> str:
     from titan_dsv4.model.layers import ParamHolder
-    from titan_dsv4.model.model import TransformerBlock
+    from titan_dsv4.model.model import MTPDepth, TransformerBlock
     from titan_dsv4.model.moe import ClampedGroupedExperts
 
     inner = getattr(module, "_checkpoint_wrapped_module", getattr(module, "_orig_mod", module))
@@ -36,6 +36,8 @@ def _kind(name: str, module: nn.Module, is_root: bool) -> str:
         return "root"
     if isinstance(inner, TransformerBlock):
         return "block"
+    if isinstance(inner, MTPDepth):
+        return "mtp"
     if isinstance(inner, ClampedGroupedExperts):
         return "experts"
     return "holder" if isinstance(inner, ParamHolder) else "island"

@@ -109,6 +109,7 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
     mtp_loss_weight: float = 0.1
     indexer_loss_weight: float = 0.0  # 0: the Lightning Indexer is frozen (no KL, no gradient)
     indexer_warmup_steps: int = 0  # steps of dense CSA attention in which only the indexer learns
+    log_indexer_recall: bool = False  # measure indexer_recall in training even with the indexer frozen
     # bf16 steps: parts that compute in fp32 (FP32_COMPUTE_PARTS); see README "Numerics".
     fp32_compute: tuple[str, ...] = ()
 
@@ -286,6 +287,8 @@ OPTION_FIELDS = {
     "indexer_warmup_steps": "indexer_warmup_steps",
     "attn_mask_type": "attn_mask_type",
     "attn_impl": "attn_impl",
+    "log_indexer_recall": "log_indexer_recall",
+    "fp32_compute": "fp32_compute",
 }
 
 
@@ -294,7 +297,7 @@ def apply_options(args: DeepSeekV4ModelArgs, section) -> None:
     for key, name in OPTION_FIELDS.items():
         value = getattr(section, key, None)
         if value is not None:
-            setattr(args, name, value)
+            setattr(args, name, tuple(value) if isinstance(value, list) else value)
     problems = []
     if args.mtp_layers < 0:
         problems.append(f"deepseek_v4.mtp_layers={args.mtp_layers}: the number of MTP depths must be >= 0")
@@ -315,6 +318,11 @@ def apply_options(args: DeepSeekV4ModelArgs, section) -> None:
     if args.attn_impl not in ("sparse", "dense"):
         problems.append(
             f"deepseek_v4.attn_impl={args.attn_impl!r}: use 'sparse' (fast) or 'dense' (reference)"
+        )
+    unknown = sorted(set(args.fp32_compute) - set(FP32_COMPUTE_PARTS))
+    if unknown:
+        problems.append(
+            f"deepseek_v4.fp32_compute names unknown parts {unknown}; known: {list(FP32_COMPUTE_PARTS)}"
         )
     if problems:
         raise ConfigError("Invalid [deepseek_v4] options:\n  - " + "\n  - ".join(problems))

@@ -52,12 +52,15 @@ class HyperConnection(nn.Module):
 
 
 def hyper_residual(
-    streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
+    streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, fp32: bool = False
 ) -> torch.Tensor:
-    """X'[k] = post[k] * out + sum_j comb[j, k] X[j], in the stream dtype (comb is not symmetric)."""
-    dtype = streams.dtype
-    mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
-    return post.to(dtype).unsqueeze(-1) * out.to(dtype).unsqueeze(-2) + mixed
+    """X'[k] = post[k] * out + sum_j comb[j, k] X[j] (comb is not symmetric).
+
+    In the stream dtype as transformers computes it, or with ``fp32`` in fp32, cast to the stream dtype once.
+    """
+    dtype = torch.float32 if fp32 else streams.dtype
+    mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams.to(dtype))
+    return (post.to(dtype).unsqueeze(-1) * out.to(dtype).unsqueeze(-2) + mixed).to(streams.dtype)
 
 
 class HyperHead(nn.Module):

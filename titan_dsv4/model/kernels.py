@@ -1,12 +1,17 @@
 """Attention kernels for DeepSeek-V4: the dense masked reference and the sparse fast path.
 
 Both compute, per query t and head h, a softmax over [window keys | compressed entries | sink]:
-  * window keys: raw K=V rows j with t - W < j <= t;
-  * compressed entries: HCA, every entry w < (t + 1) // ratio; CSA, the indexer's picks (-1 = none);
+  * window keys: raw K=V rows j with t - W < j <= t (and, for packed documents, j in t's document);
+  * compressed entries: HCA, every entry whose window ended at or before t; CSA, the indexer's picks
+    (-1 = none), or every such entry during the indexer's dense warm-up;
   * the sink: a per-head logit with no value vector.
 The reference materialises [S x (S + T)] logits; the fast path never builds a [S x S] tensor: the
 window runs block-locally ([S x 2W]) and CSA gathers its top-k entries per query ([S x k]), so memory
 grows as S x (2W + S / ratio_HCA + k).
+
+Options shared by both kernels: ``fp32_logits`` computes q.k in fp32 (a no-op for fp32 inputs), and
+``entry_probs`` also returns the probability each query gives the compressed entries it sees, summed over
+heads ([B, S, k] for picks, [B, S, T] otherwise; detached): the Lightning Indexer's distillation target.
 """
 
 from __future__ import annotations
@@ -25,18 +30,25 @@ class CompressedKV:
     ratio: int
     picked: torch.Tensor | None = None  # CSA: [B, S, k] entry indices, -1 = select nothing
     hidden: bool = False  # HCA alignment's synthetic entry: no query sees it
+    seen: torch.Tensor | None = None  # [B, S, T] visibility when not the causal rule (packed documents)
+
+    def visible_all(self, seq_len: int) -> torch.Tensor:
+        """[B, S, T] bool: every entry a query may attend when all visible entries count (picks ignored)."""
+        B, T, _ = self.entries.shape
+        if self.hidden:
+            return torch.zeros(B, seq_len, T, dtype=torch.bool, device=self.entries.device)
+        if self.seen is not None:
+            return self.seen
+        return causal_entries(seq_len, T, self.ratio, self.entries.device).expand(B, seq_len, T)
 
     def visible(self, seq_len: int) -> torch.Tensor:
-        """[B, S, T] bool visibility (materialised; the reference path only)."""
-        B, T, _ = self.entries.shape
-        device = self.entries.device
-        if self.hidden:
-            return torch.zeros(B, seq_len, T, dtype=torch.bool, device=device)
+        """[B, S, T] bool visibility of what attention uses (materialised; the reference path only)."""
         if self.picked is None:
-            return causal_entries(seq_len, T, self.ratio, device).expand(B, seq_len, T)
+            return self.visible_all(seq_len)
+        B, T, _ = self.entries.shape
         # Scatter into a spare column T so that -1 ("nothing") never lands on a real entry.
         slots = torch.where(self.picked >= 0, self.picked, torch.full_like(self.picked, T))
-        visible = torch.zeros(B, seq_len, T + 1, dtype=torch.bool, device=device)
+        visible = torch.zeros(B, seq_len, T + 1, dtype=torch.bool, device=self.entries.device)
         return visible.scatter_(-1, slots, True)[..., :T]
 
 
@@ -47,11 +59,21 @@ def causal_entries(seq_len: int, n_entries: int, ratio: int, device: torch.devic
     return w[None, :] < ((t + 1) // ratio)[:, None]
 
 
-def window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
-    """[S, S] bool: key j is in query t's band iff t - window < j <= t."""
+def window_mask(seq_len: int, window: int, device: torch.device, doc_ids: torch.Tensor | None = None):
+    """[S, S] (or [B, S, S] with documents) bool: key j is in query t's band iff t - window < j <= t."""
     t = torch.arange(seq_len, device=device)
     delta = t[:, None] - t[None, :]
-    return (delta >= 0) & (delta < window)
+    band = (delta >= 0) & (delta < window)
+    if doc_ids is None:
+        return band
+    return band & (doc_ids[:, :, None] == doc_ids[:, None, :])
+
+
+def _logits(q: torch.Tensor, k: torch.Tensor, equation: str, fp32: bool) -> torch.Tensor:
+    """Scaled q.k by an einsum; in fp32 when asked (the inputs are then upcast before the product)."""
+    if fp32:
+        q, k = q.float(), k.float()
+    return torch.einsum(equation, q, k) * q.shape[-1] ** -0.5
 
 
 def _softmax_with_sink(logits: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
@@ -62,24 +84,70 @@ def _softmax_with_sink(logits: torch.Tensor, sinks: torch.Tensor) -> torch.Tenso
     return F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
 
 
+def _entry_probs(probs: torch.Tensor) -> torch.Tensor:
+    """[B, H, S, n] entry probabilities -> [B, S, n] summed over heads, in fp32 and without gradient."""
+    return probs.detach().float().sum(dim=1)
+
+
 def dense_attention(
-    q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, window: int, compressed: CompressedKV | None
-) -> torch.Tensor:
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sinks: torch.Tensor,
+    window: int,
+    compressed: CompressedKV | None,
+    doc_ids: torch.Tensor | None = None,
+    fp32_logits: bool = False,
+    entry_probs: bool = False,
+):
     """Reference MQA over [S window keys | T entries]: q [B, H, S, d], kv [B, S, d] -> [B, H, S, d]."""
     B, H, S, d = q.shape
-    visible = window_mask(S, window, q.device).expand(B, S, S)
+    visible = window_mask(S, window, q.device, doc_ids).expand(B, S, S)
+    T = 0
     if compressed is not None:
+        T = compressed.entries.shape[1]
         kv = torch.cat([kv, compressed.entries.to(kv.dtype)], dim=1)
         visible = torch.cat([visible, compressed.visible(S)], dim=-1)
-    logits = torch.matmul(q, kv.unsqueeze(1).transpose(-1, -2)) * d**-0.5  # [B, H, S, S+T]
+    if fp32_logits:
+        logits = torch.matmul(q.float(), kv.float().unsqueeze(1).transpose(-1, -2)) * d**-0.5
+    else:
+        logits = torch.matmul(q, kv.unsqueeze(1).transpose(-1, -2)) * d**-0.5  # [B, H, S, S+T]
     logits = logits.masked_fill(~visible.unsqueeze(1), float("-inf"))
     probs = _softmax_with_sink(logits, sinks).to(kv.dtype)
-    return torch.matmul(probs, kv.unsqueeze(1))
+    out = torch.matmul(probs, kv.unsqueeze(1))
+    if not entry_probs:
+        return out
+    p = _entry_probs(probs[..., S : S + T])
+    if compressed is not None and compressed.picked is not None:  # the picks' order, as the sparse path
+        p = p.gather(-1, compressed.picked.clamp(min=0)).masked_fill(compressed.picked < 0, 0.0)
+    return out, p
+
+
+def _window_allowed(n_blocks: int, W: int, device, doc_ids: torch.Tensor | None, pad: int):
+    """[n, W, 2W] (or [B, n, W, 2W]) bool: which of a query block's 2W candidate keys are in its window."""
+    i = torch.arange(W, device=device)[:, None]
+    j = torch.arange(2 * W, device=device)[None, :]
+    band = (j > i) & (j <= i + W)  # key position n*W - W + j lies in (t - W, t] for t = n*W + i
+    first_block = torch.zeros(n_blocks, 1, 1, dtype=torch.bool, device=device)
+    first_block[0] = True
+    allowed = band & ~(first_block & (j < W))  # block 0 has no previous block
+    if doc_ids is None:
+        return allowed
+    B = doc_ids.shape[0]
+    docs = F.pad(doc_ids, (0, pad), value=-1).view(B, n_blocks, W)
+    key_docs = torch.cat([F.pad(docs[:, :-1], (0, 0, 1, 0), value=-2), docs], dim=2)  # [B, n, 2W]
+    return allowed & (docs[..., :, None] == key_docs[..., None, :])
 
 
 def sparse_attention(
-    q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, window: int, compressed: CompressedKV | None
-) -> torch.Tensor:
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sinks: torch.Tensor,
+    window: int,
+    compressed: CompressedKV | None,
+    doc_ids: torch.Tensor | None = None,
+    fp32_logits: bool = False,
+    entry_probs: bool = False,
+):
     """Same result as ``dense_attention`` without any [S x S] tensor (see the module docstring)."""
     B, H, S, d = q.shape
     W = window
@@ -89,13 +157,10 @@ def sparse_attention(
     qb = F.pad(q, (0, 0, 0, pad)).view(B, H, n_blocks, W, d)
     kvb = F.pad(kv, (0, 0, 0, pad)).view(B, n_blocks, W, d)
     keys = torch.cat([F.pad(kvb[:, :-1], (0, 0, 0, 0, 1, 0)), kvb], dim=2)  # [B, n, 2W, d]
-    logits_w = torch.einsum("bhnqd,bnkd->bhnqk", qb, keys) * d**-0.5  # [B, H, n, W, 2W]
-    i = torch.arange(W, device=q.device)[:, None]
-    j = torch.arange(2 * W, device=q.device)[None, :]
-    band = (j > i) & (j <= i + W)  # key position n*W - W + j lies in (t - W, t] for t = n*W + i
-    first_block = torch.zeros(n_blocks, 1, 1, dtype=torch.bool, device=q.device)
-    first_block[0] = True
-    allowed = band & ~(first_block & (j < W))  # block 0 has no previous block
+    logits_w = _logits(qb, keys, "bhnqd,bnkd->bhnqk", fp32_logits)  # [B, H, n, W, 2W]
+    allowed = _window_allowed(n_blocks, W, q.device, doc_ids, pad)
+    if allowed.dim() == 4:
+        allowed = allowed.unsqueeze(1)
     logits_w = logits_w.masked_fill(~allowed, float("-inf")).reshape(B, H, n_blocks * W, 2 * W)[:, :, :S]
 
     gathered = None
@@ -104,20 +169,18 @@ def sparse_attention(
     else:
         entries = compressed.entries.to(kv.dtype)
         T = entries.shape[1]
-        if compressed.picked is None:  # HCA: every causally visible entry
-            logits_c = torch.matmul(q, entries.unsqueeze(1).transpose(-1, -2)) * d**-0.5  # [B, H, S, T]
-            seen = causal_entries(S, T, compressed.ratio, q.device)
-            if compressed.hidden:
-                seen = torch.zeros_like(seen)
-            logits_c = logits_c.masked_fill(~seen, float("-inf"))
+        if compressed.picked is None:  # HCA (or CSA's dense warm-up): every visible entry
+            logits_c = _logits(q, entries, "bhsd,btd->bhst", fp32_logits)  # [B, H, S, T]
+            seen = compressed.visible_all(S)
+            logits_c = logits_c.masked_fill(~seen.unsqueeze(1), float("-inf"))
         else:  # CSA: gather the indexer's picks per query
             picked = compressed.picked
             # Row lookup into [B*T, d] (its backward accumulates into [B*T, d], never [B, S, T, d]).
             flat = picked.clamp(min=0) + (torch.arange(B, device=q.device) * T).view(B, 1, 1)
             gathered = entries.reshape(B * T, d)[flat]  # [B, S, k, d]
-            logits_c = torch.einsum("bhsd,bskd->bhsk", q, gathered) * d**-0.5
+            logits_c = _logits(q, gathered, "bhsd,bskd->bhsk", fp32_logits)
             logits_c = logits_c.masked_fill(~(picked >= 0).unsqueeze(1), float("-inf"))
-        logits = torch.cat([logits_w, logits_c], dim=-1)
+        logits = torch.cat([logits_w, logits_c.to(logits_w.dtype)], dim=-1)
     probs = _softmax_with_sink(logits, sinks).to(kv.dtype)
 
     p_w = F.pad(probs[..., : 2 * W], (0, 0, 0, pad)).view(B, H, n_blocks, W, 2 * W)
@@ -128,7 +191,9 @@ def sparse_attention(
             out = out + torch.matmul(p_c, compressed.entries.to(kv.dtype).unsqueeze(1))
         else:
             out = out + torch.einsum("bhsk,bskd->bhsd", p_c, gathered)
-    return out
+    if not entry_probs:
+        return out
+    return out, (_entry_probs(probs[..., 2 * W :]) if compressed is not None else None)
 
 
 ATTENTION_KERNELS = {"dense": dense_attention, "sparse": sparse_attention}

@@ -65,13 +65,21 @@ class RotaryTables(nn.Module):
         """Recompute the non-persistent tables (to_empty leaves them uninitialised)."""
         self._fill(device)
 
-    def get(self, name: str, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if length > self.main_cos.shape[0]:
+    def get(
+        self, name: str, length: int, dtype: torch.dtype, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [length, r/2] for positions 0..length-1, or [B, S, r/2] at the given ``positions`` [B, S]."""
+        limit = self.main_cos.shape[0]
+        if length > limit:
             raise ValueError(
-                f"sequence length {length} exceeds the rotary tables ({self.main_cos.shape[0]} positions); "
+                f"sequence length {length} exceeds the rotary tables ({limit} positions); "
                 "raise training.seq_len (the model's max_seq_len follows it)"
             )
-        cos, sin = getattr(self, f"{name}_cos")[:length], getattr(self, f"{name}_sin")[:length]
+        cos, sin = getattr(self, f"{name}_cos"), getattr(self, f"{name}_sin")
+        if positions is None:
+            cos, sin = cos[:length], sin[:length]
+        else:
+            cos, sin = cos[positions], sin[positions]
         # transformers hands cos/sin to the rotation in the activation dtype.
         return cos.to(dtype), sin.to(dtype)
 
@@ -103,8 +111,13 @@ def inv_freq(table: RopeTable, r: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the trailing rope channels of x [..., S, dim] in interleaved pairs (2i, 2i+1); cos/sin [S, r/2]."""
+    """Rotate the trailing rope channels of x [..., S, dim] in interleaved pairs (2i, 2i+1).
+
+    cos/sin are [S, r/2], or [B, S, r/2] per row (packed documents); x is [B, S, dim] or [B, H, S, dim].
+    """
     r = cos.shape[-1] * 2
+    if cos.dim() == 3 and x.dim() == 4:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     cos = cos.repeat_interleave(2, dim=-1)
     sin = sin.repeat_interleave(2, dim=-1)
     nope, rope = x[..., :-r], x[..., -r:]

@@ -1,14 +1,22 @@
-"""DeepSeek-V4 in TorchTitan's model protocol: ``forward(tokens) -> logits [B, S, vocab]``."""
+"""DeepSeek-V4 in TorchTitan's model protocol: ``forward(tokens) -> logits [B, S, vocab]``.
+
+In training with multi-token prediction or indexer distillation on, the forward returns
+``(logits, TrainingOutputs)``; the train spec's loss (``infra/loss.py``) adds their terms.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torchtitan.protocols.model import ModelProtocol
 
-from .args import HCA, DeepSeekV4ModelArgs
+from .args import CSA, HASH_MOE, HCA, SLIDING, DeepSeekV4ModelArgs
 from .attention import Attention, Compressor
+from .context import INDEXER_STATS, ForwardContext
+from .documents import Documents
 from .hyper_connection import HyperConnection, HyperHead, hyper_residual
 from .layers import RMSNorm, RotaryTables
 from .moe import DeepSeekV4MoE
@@ -17,35 +25,31 @@ from .moe import DeepSeekV4MoE
 class TransformerBlock(nn.Module):
     """Attention and MoE sites, each entered and left through its own mHC over the n residual streams."""
 
-    def __init__(self, args: DeepSeekV4ModelArgs, layer_id: int):
+    def __init__(self, args: DeepSeekV4ModelArgs, layer_id: int, attn_kind: str, hash_routed: bool):
         super().__init__()
         self.layer_id = layer_id
         self.attn_hc = HyperConnection(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.self_attn = Attention(args, layer_id)
+        self.self_attn = Attention(args, attn_kind)
         self.ffn_hc = HyperConnection(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.moe = DeepSeekV4MoE(args, layer_id)
+        self.moe = DeepSeekV4MoE(args, hash_routed)
         self.residual = hyper_residual  # plain function; compile wraps it per block
+        self.fp32_mixing = "hc_mixing" in args.fp32_compute
         self.moe_enabled = True  # every V4 layer is MoE; Titan's AC / compile / EP helpers read this
         self.init_std = args.init_std
         self.weight_init_std = args.init_std / (2 * (layer_id + 1)) ** 0.5  # output projections, depth-scaled
 
-    def forward(
-        self,
-        streams: torch.Tensor,
-        rope: RotaryTables,
-        tokens: torch.Tensor,
-        hca_synthetic_window: bool = False,
-    ) -> torch.Tensor:
+    def forward(self, streams: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(streams out, the attention's indexer statistics or None)."""
         # The mHC may run as an fp32 FSDP unit: its block input comes back in fp32 and is cast to the
         # streams' (compute) dtype here, as transformers casts the collapsed input to the stream dtype.
         post, comb, x = self.attn_hc(streams)
-        a = self.self_attn(self.attention_norm(x.to(streams.dtype)), rope, hca_synthetic_window)
-        streams = self.residual(streams, a, post, comb)
+        a, stats = self.self_attn(self.attention_norm(x.to(streams.dtype)), ctx)
+        streams = self.residual(streams, a, post, comb, self.fp32_mixing)
         post, comb, x = self.ffn_hc(streams)
-        f = self.moe(self.ffn_norm(x.to(streams.dtype)), tokens)
-        return self.residual(streams, f, post, comb)
+        f = self.moe(self.ffn_norm(x.to(streams.dtype)), ctx.tokens)
+        return self.residual(streams, f, post, comb, self.fp32_mixing), stats
 
     def init_weights(self, buffer_device: torch.device | None) -> None:
         for hc in (self.attn_hc, self.ffn_hc):
@@ -56,8 +60,89 @@ class TransformerBlock(nn.Module):
         self.moe.init_weights(self.weight_init_std, buffer_device)
 
 
+class MTPDepth(nn.Module):
+    """One multi-token-prediction depth (the released checkpoints' ``mtp.k``; spec section 6).
+
+    From the previous streams (the backbone's, or depth k-1's, before any HyperHead) and the embedding
+    of the tokens k positions ahead: X = e_proj(enorm(e)) broadcast over the streams + h_proj(hnorm(X_prev))
+    per stream, one V4 block (sliding attention with the main rope, learned-router MoE, its own mHC),
+    then its own HyperHead and norm. The model's lm_head turns the result into logits.
+    """
+
+    def __init__(self, args: DeepSeekV4ModelArgs, depth: int):
+        super().__init__()
+        self.enorm = RMSNorm(args.dim, args.norm_eps)
+        self.hnorm = RMSNorm(args.dim, args.norm_eps)
+        self.e_proj = nn.Linear(args.dim, args.dim, bias=False)
+        self.h_proj = nn.Linear(args.dim, args.dim, bias=False)
+        self.block = TransformerBlock(args, args.n_layers + depth, SLIDING, hash_routed=False)
+        self.hc_head = HyperHead(args)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.init_std = args.init_std
+        self.moe_enabled = True  # a block for Titan's AC / compile / EP helpers
+
+    def forward(
+        self, streams: torch.Tensor, ahead: torch.Tensor, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this depth's streams, its hidden state [B, S, D] for the lm_head)."""
+        x = self.e_proj(self.enorm(ahead)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
+        streams, _ = self.block(x.to(streams.dtype), ctx)
+        return streams, self.norm(self.hc_head(streams).to(streams.dtype))
+
+    def init_weights(self, buffer_device: torch.device | None) -> None:
+        for norm in (self.enorm, self.hnorm, self.norm):
+            norm.reset_parameters()
+        for proj in (self.e_proj, self.h_proj):
+            nn.init.trunc_normal_(proj.weight, mean=0.0, std=self.init_std)
+        self.block.init_weights(buffer_device)
+        self.hc_head.init_weights(self.init_std)
+
+
+class MTP(nn.Module):
+    """The multi-token-prediction depths; ``layers`` so Titan's AC wraps each depth as it wraps a block."""
+
+    def __init__(self, args: DeepSeekV4ModelArgs):
+        super().__init__()
+        self.layers = nn.ModuleDict({str(k): MTPDepth(args, k) for k in range(args.mtp_layers)})
+        # mtp_loss_weight 0: kept (loaded, exported) but neither run nor trained
+        self.trains = args.mtp_loss_weight > 0
+        self.requires_grad_(self.trains)
+
+
+@dataclass
+class TrainingOutputs:
+    """What a training forward returns beside the logits, for the loss and the step's metrics."""
+
+    mtp_logits: list[torch.Tensor]  # depth k (1-based) predicts the token k+1 positions ahead: [B, S, V]
+    mtp_valid: list[torch.Tensor]  # [B, S - k] bool: the target exists and is in the query's document
+    mtp_loss_weight: float
+    indexer_stats: torch.Tensor | None  # INDEXER_STATS summed over CSA layers (the KL sum has gradient)
+    indexer_loss_weight: float
+    n_csa_layers: int
+    metrics: StepMetrics
+
+
+class StepMetrics:
+    """The current step's extra losses and counts (summed over micro-batches), for the metrics processor.
+
+    The loss adds to it; the optimizer's pre-step hook closes the step (``close_step``), so a step's
+    figures are what its micro-batches added, however often the step is logged.
+    """
+
+    def __init__(self):
+        self._open: dict[str, torch.Tensor] = {}
+        self.closed: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self._open[name] = self._open[name] + value if name in self._open else value
+
+    def close_step(self) -> None:
+        self.closed, self._open = self._open, {}
+
+
 class DeepSeekV4Model(ModelProtocol):
-    """Embedding -> n identical streams -> blocks -> HyperHead -> norm -> untied lm_head."""
+    """Embedding -> n identical streams -> blocks -> HyperHead -> norm -> untied lm_head (+ MTP depths)."""
 
     def __init__(self, model_args: DeepSeekV4ModelArgs):
         super().__init__(model_args)
@@ -68,46 +153,101 @@ class DeepSeekV4Model(ModelProtocol):
         self.tok_embeddings = nn.Embedding(model_args.vocab_size, model_args.dim)
         self.rope = RotaryTables(model_args)
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(model_args, i) for i in range(model_args.n_layers)}
+            {
+                str(i): TransformerBlock(
+                    model_args, i, model_args.layer_type(i), model_args.mlp_type(i) == HASH_MOE
+                )
+                for i in range(model_args.n_layers)
+            }
         )
         self.hc_head = HyperHead(model_args)
         self.norm = RMSNorm(model_args.dim, model_args.norm_eps)
         self.lm_head = nn.Linear(model_args.dim, model_args.vocab_size, bias=False)
+        if model_args.mtp_layers:
+            self.mtp = MTP(model_args)
         # Plain list (not registered): found once here, not by walking every module each forward.
         # fully_shard swaps classes in place and compile wraps other modules, so these stay valid.
         self._hca_compressors = [m for m in self.modules() if isinstance(m, Compressor) and m.kind == HCA]
+        self.n_csa_layers = sum(model_args.layer_type(i) == CSA for i in range(model_args.n_layers))
+        self.step_metrics = StepMetrics()
+        self.training_step = (
+            0  # 1-based, set by titan_dsv4's Trainer before each step (the indexer's warm-up)
+        )
 
-    def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+    def set_training_step(self, step: int) -> None:
+        self.training_step = step
+
+    def blocks(self) -> list[nn.Module]:
+        """Every transformer block (as wrapped by AC/compile), MTP depths' blocks included."""
+        mtp = list(self.mtp.layers.values()) if hasattr(self, "mtp") else []
+        return list(self.layers.values()) + [getattr(d, "_checkpoint_wrapped_module", d).block for d in mtp]
+
+    def forward(self, tokens: torch.Tensor, **kwargs):
         check_token_ids(tokens, self.vocab_size)
-        synthetic = self.hca_needs_synthetic_window(tokens)
+        args = self.model_args
+        docs = Documents.from_tokens(tokens, args.eos_id) if args.attn_mask_type == "block_causal" else None
+        learn_indexer = self.training and args.indexer_loss_weight > 0
+        ctx = ForwardContext(
+            self.rope,
+            tokens,
+            docs,
+            indexer_dense=learn_indexer and max(self.training_step, 1) <= args.indexer_warmup_steps,
+            indexer_loss=learn_indexer,
+            measure_indexer=self.training and (learn_indexer or args.log_indexer_recall),
+        )
+        ctx.hca_synthetic_window = self.hca_needs_synthetic_window(ctx)
         h = self.tok_embeddings(tokens)
         streams = h.unsqueeze(2).expand(-1, -1, self.hc_mult, -1).contiguous()
+        stats = None
         for layer in self.layers.values():
-            streams = layer(streams, self.rope, tokens, synthetic)
-        h = self.norm(self.hc_head(streams).to(streams.dtype))
-        return self.lm_head(h)
+            streams, layer_stats = layer(streams, ctx)
+            if layer_stats is not None:
+                stats = layer_stats if stats is None else stats + layer_stats
+        hidden = [self.norm(self.hc_head(streams).to(streams.dtype))]
+        mtp_valid = []
+        if self.training and hasattr(self, "mtp") and self.mtp.trains:
+            for k, depth in enumerate(self.mtp.layers.values(), start=1):
+                streams, h_k = depth(streams, self.tok_embeddings(shifted(tokens, k)), ctx)
+                hidden.append(h_k)
+                mtp_valid.append(
+                    mtp_targets_in_document(tokens, k, args.eos_id if docs is not None else None)
+                )
+        if len(hidden) == 1 and stats is None:
+            return self.lm_head(hidden[0])
+        S = tokens.shape[1]
+        logits = self.lm_head(torch.cat(hidden, dim=1)).split(S, dim=1)  # one lm_head call for all heads
+        return logits[0], TrainingOutputs(
+            mtp_logits=list(logits[1:]),
+            mtp_valid=mtp_valid,
+            mtp_loss_weight=args.mtp_loss_weight,
+            indexer_stats=stats,
+            indexer_loss_weight=args.indexer_loss_weight,
+            n_csa_layers=self.n_csa_layers,
+            metrics=self.step_metrics,
+        )
 
     def hca_compressors(self) -> list[nn.Module]:
         return list(self._hca_compressors)
 
-    def hca_needs_synthetic_window(self, tokens: torch.Tensor) -> bool:
+    def hca_needs_synthetic_window(self, ctx: ForwardContext) -> bool:
         """HCA graph alignment, agreed once per forward for the whole model.
 
         Ranks that synchronise the HCA compressors' sharded parameters must agree whether that path
         joins backward. In training with a bound group this costs exactly one all-reduce (MAX of one
-        integer) per forward, whatever the number of HCA layers (all see the same local length):
-        a rank with 0 < S < ratio whose peers have a complete window pools a masked synthetic one.
+        integer) per forward, whatever the number of HCA layers: a rank without a complete window
+        (of any of its documents, when packed) whose peers have one pools a masked synthetic window.
         """
         compressors = self.hca_compressors() if self.training else []
         group = compressors[0].hca_param_sync_group if compressors else None
         if group is None:
             return False
-        seq_len, ratio = tokens.shape[-1], compressors[0].ratio
+        seq_len, ratio = ctx.tokens.shape[-1], compressors[0].ratio
         if seq_len == 0:
             raise ValueError("a zero-length local sequence cannot train; every rank needs at least one token")
-        flag = torch.tensor([int(seq_len >= ratio)], dtype=torch.int32, device=tokens.device)
+        has_window = seq_len >= ratio if ctx.docs is None else ctx.windows(ratio).start.shape[1] > 0
+        flag = torch.tensor([int(has_window)], dtype=torch.int32, device=ctx.tokens.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item()) and seq_len < ratio
+        return bool(flag.item()) and not has_window
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
@@ -121,6 +261,26 @@ class DeepSeekV4Model(ModelProtocol):
         nn.init.trunc_normal_(
             self.lm_head.weight, mean=0.0, std=final_out_std, a=-3 * final_out_std, b=3 * final_out_std
         )
+        if hasattr(self, "mtp"):
+            for depth in self.mtp.layers.values():
+                depth.init_weights(buffer_device)
+
+
+def shifted(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """The tokens k positions ahead; the last k positions (no such token) get token 0, their targets ignored."""
+    return torch.cat([tokens[:, k:], tokens.new_zeros(tokens.shape[0], k)], dim=1)
+
+
+def mtp_targets_in_document(tokens: torch.Tensor, k: int, eos_id: int | None) -> torch.Tensor:
+    """[B, S - k] bool: depth k's target at position t (token t+k+1) exists and shares t's document.
+
+    A document ends with eos, so the target is in t's document iff none of tokens t .. t+k is eos.
+    """
+    B, S = tokens.shape
+    if eos_id is None:
+        return torch.ones(B, max(S - k, 0), dtype=torch.bool, device=tokens.device)
+    ends = torch.cumsum(torch.nn.functional.pad((tokens == eos_id).long(), (1, 0)), dim=1)  # ends before t
+    return (ends[:, k + 1 :] - ends[:, : S - k]) == 0
 
 
 def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
@@ -132,3 +292,13 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
             f"token ids must lie in [0, {vocab_size}); got min {int(tokens.min())}, max {int(tokens.max())}. "
             "The tokenizer does not match the model: pick a flavor whose vocab_size covers it."
         )
+
+
+__all__ = [
+    "DeepSeekV4Model",
+    "INDEXER_STATS",
+    "MTPDepth",
+    "StepMetrics",
+    "TrainingOutputs",
+    "TransformerBlock",
+]

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from torchtitan.models.moe.moe import FeedForward, GroupedExperts, MoE, TokenChoiceTopKRouter
 from torchtitan.models.moe.utils import indices_padding_wrapper
 
-from .args import HASH_MOE, DeepSeekV4ModelArgs
+from .args import DeepSeekV4ModelArgs
 from .layers import clamped_swiglu
 
 
@@ -34,6 +34,31 @@ class ClampedFeedForward(FeedForward):
         return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit))
 
 
+def _swiglu_rows(
+    xs: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, limit: float, weight: torch.Tensor | None
+):
+    """Clamped SwiGLU of rows xs; with per-row routing weights, in fp32 and weighted before W2 (as
+    DeepSeek's inference kernels), cast back to the rows' dtype."""
+    gate, up = xs @ w1.transpose(-2, -1), xs @ w3.transpose(-2, -1)
+    if weight is None:
+        return clamped_swiglu(gate, up, limit)
+    return (clamped_swiglu(gate.float(), up.float(), limit) * weight[:, None]).to(xs.dtype)
+
+
+def split_weight_columns(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows [N, dim + 2] carry their fp32 routing weight as two columns (hi + lo in the rows' dtype, which
+    travel with the rows through EP's all-to-all); [N, dim] rows carry none."""
+    if x.shape[-1] == dim:
+        return x, None
+    return x[:, :dim], x[:, dim].float() + x[:, dim + 1].float()
+
+
+def weight_columns(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[N] fp32 weights -> [N, 2] hi/lo columns in ``dtype`` whose sum in fp32 recovers w to ~2^-16."""
+    hi = w.to(dtype)
+    return torch.stack([hi, (w - hi.float()).to(dtype)], dim=1)
+
+
 def _experts_for_loop(w1, w2, w3, x, num_tokens_per_expert, limit, row_groups=None):
     """Each expert's rows through its clamped SwiGLU; rows past ``sum(num_tokens_per_expert)`` output zeros.
 
@@ -41,25 +66,32 @@ def _experts_for_loop(w1, w2, w3, x, num_tokens_per_expert, limit, row_groups=No
     rank, followed by padding; each group is its own matmul, so a weight's gradient is the sum of the
     per-rank products exactly as FSDP sums them without EP, and padding rows output zeros.
     """
+    x, weight = split_weight_columns(x, w1.shape[-1])
     counts = num_tokens_per_expert.tolist()
     groups = [[c] for c in counts] if row_groups is None else row_groups.tolist()
-    outs = []
-    for e, (xe, sizes) in enumerate(zip(torch.split(x[: sum(counts)], counts, dim=0), groups)):
-        used = sum(sizes)
-        for xs in torch.split(xe[:used], sizes, dim=0):
-            h = clamped_swiglu(xs @ w1[e].transpose(-2, -1), xs @ w3[e].transpose(-2, -1), limit)
+    outs, start = [], 0
+    for e, sizes in enumerate(groups):
+        for size in sizes:
+            rows = slice(start, start + size)
+            h = _swiglu_rows(x[rows], w1[e], w3[e], limit, None if weight is None else weight[rows])
             outs.append(h @ w2[e].transpose(-2, -1))
-        outs.append(x.new_zeros(counts[e] - used, w2.shape[1]))
+            start += size
+        outs.append(x.new_zeros(counts[e] - sum(sizes), w2.shape[1]))
+        start += counts[e] - sum(sizes)
     out = torch.cat(outs, dim=0)
     return torch.vstack((out, out.new_zeros((x.shape[0] - out.shape[0], out.shape[-1]))))
 
 
 def _experts_grouped_mm(w1, w2, w3, x, num_tokens_per_expert, limit):
+    x, weight = split_weight_columns(x, w1.shape[-1])
     offsets = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
     xb = x.bfloat16()
     gate = torch._grouped_mm(xb, w1.bfloat16().transpose(-2, -1), offs=offsets)
     up = torch._grouped_mm(xb, w3.bfloat16().transpose(-2, -1), offs=offsets)
-    h = clamped_swiglu(gate, up, limit)
+    if weight is None:
+        h = clamped_swiglu(gate, up, limit)
+    else:
+        h = (clamped_swiglu(gate.float(), up.float(), limit) * weight[:, None]).bfloat16()
     return torch._grouped_mm(h, w2.bfloat16().transpose(-2, -1), offs=offsets).type_as(x)
 
 
@@ -105,6 +137,9 @@ class DeepSeekV4Router(TokenChoiceTopKRouter):
             _debug_force_load_balance=m._debug_force_load_balance,
         )
         self.score_func = m.score_func  # "sqrtsoftplus" (the released models) or "sigmoid"
+        self.fp32_logits = (
+            "router" in args.fp32_compute
+        )  # the gate's matmul in fp32 (a no-op for fp32 inputs)
         self.hash_routed = hash_routed
         if hash_routed:
             self.register_buffer(
@@ -114,7 +149,10 @@ class DeepSeekV4Router(TokenChoiceTopKRouter):
     def forward(
         self, x: torch.Tensor, expert_bias: torch.Tensor | None = None, token_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = self.gate(x).float()
+        if self.fp32_logits:
+            logits = F.linear(x.float(), self.gate.weight.float())
+        else:
+            logits = self.gate(x).float()
         scores = F.softplus(logits).sqrt() if self.score_func == "sqrtsoftplus" else torch.sigmoid(logits)
         if self.hash_routed:
             if token_ids is None:
@@ -136,10 +174,9 @@ class DeepSeekV4Router(TokenChoiceTopKRouter):
 class DeepSeekV4MoE(MoE):
     """Titan's MoE with V4's router and clamped experts; routed outputs weighted after W2."""
 
-    def __init__(self, args: DeepSeekV4ModelArgs, layer_id: int):
+    def __init__(self, args: DeepSeekV4ModelArgs, hash_routed: bool):
         m = args.moe_args
         nn.Module.__init__(self)
-        hash_routed = args.mlp_type(layer_id) == HASH_MOE
         self.experts = ClampedGroupedExperts(
             args.dim, args.moe_inter_dim, m.num_experts, m.use_grouped_mm, args.swiglu_limit
         )
@@ -158,6 +195,7 @@ class DeepSeekV4MoE(MoE):
             "tokens_per_expert", torch.zeros(m.num_experts, dtype=torch.float32), persistent=False
         )
         self.uses_deepep = False  # set by infra.expert_parallel when DeepEP dispatches the tokens
+        self.fp32_experts = "experts" in args.fp32_compute  # bf16 steps: SwiGLU in fp32, weights before W2
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         bs, slen, dim = x.shape
@@ -169,10 +207,17 @@ class DeepSeekV4MoE(MoE):
             return self._forward_deepep(x, top_scores, selected, num_tokens_per_expert).reshape(bs, slen, dim)
         sorted_slots = torch.argsort(selected.reshape(-1), stable=True)  # (token, k) slots grouped by expert
         k = self.router.top_k
-        routed_output = self.experts(x[sorted_slots // k], num_tokens_per_expert)
+        rows = x[sorted_slots // k]
+        weighted = self.fp32_experts and x.dtype != torch.float32
+        if weighted:  # the routing weights travel with their rows (see split_weight_columns)
+            rows = torch.cat([rows, weight_columns(top_scores.reshape(-1)[sorted_slots], x.dtype)], dim=1)
+        routed_output = self.experts(rows, num_tokens_per_expert)
         unsorted = torch.zeros((bs * slen * k, dim), dtype=routed_output.dtype, device=routed_output.device)
         unsorted[sorted_slots] = routed_output
-        routed = torch.bmm(top_scores.reshape(-1, 1, k), unsorted.reshape(-1, k, dim).float()).squeeze(1)
+        if weighted:
+            routed = unsorted.view(-1, k, dim).float().sum(dim=1)
+        else:
+            routed = torch.bmm(top_scores.reshape(-1, 1, k), unsorted.reshape(-1, k, dim).float()).squeeze(1)
         return (self.shared_experts(x) + routed.to(x.dtype)).reshape(bs, slen, dim)
 
     def _forward_deepep(self, x, top_scores, selected, num_tokens_per_expert) -> torch.Tensor:

@@ -60,14 +60,43 @@ GLOBAL_RENAMES = {
     "hc_head.hc_base": "model.hc_head.hc_base",
     "hc_head.hc_scale": "model.hc_head.hc_scale",
 }
+# Per MTP depth, outside its block: ours (after "mtp.layers.{k}.") -> after "mtp.{k}." (the released
+# checkpoints' names, which transformers does not build: its loader drops mtp.* keys).
+MTP_RENAMES = {
+    "e_proj.weight": "e_proj.weight",
+    "h_proj.weight": "h_proj.weight",
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "norm.weight": "norm.weight",
+    "hc_head.hc_fn": "hc_head.hc_fn",
+    "hc_head.hc_base": "hc_head.hc_base",
+    "hc_head.hc_scale": "hc_head.hc_scale",
+}
 # The routed experts' gate (w1) and up (w3) projections become the two row halves of gate_up_proj.
 W1, W3, GATE_UP = "moe.experts.w1", "moe.experts.w3", "mlp.experts.gate_up_proj"
 HASH_TABLE = "mlp.gate.tid2eid"  # transformers' name (suffix) of the int64 token -> experts table
 
 _FROM_HF_BLOCK = {v: k for k, v in BLOCK_RENAMES.items()}
 _FROM_HF_GLOBAL = {v: k for k, v in GLOBAL_RENAMES.items()}
-_OURS_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_FROM_HF_MTP = {v: k for k, v in MTP_RENAMES.items()}
+# (our prefix pattern, transformers-layout prefix, the renames outside a block, our block prefix)
+_OURS = (
+    (re.compile(r"^layers\.(\d+)\.(.+)$"), "model.layers.{}.", {}, ""),
+    (re.compile(r"^mtp\.layers\.(\d+)\.(.+)$"), "mtp.{}.", MTP_RENAMES, "block."),
+)
+_THEIRS = (
+    (re.compile(r"^model\.layers\.(\d+)\.(.+)$"), "layers.{}.", {}, ""),
+    (re.compile(r"^mtp\.(\d+)\.(.+)$"), "mtp.layers.{}.", _FROM_HF_MTP, "block."),
+)
+
+
+def _match(key: str, table):
+    """((index, rest), prefix, renames outside the block, block prefix) of the first pattern matching key."""
+    for pattern, prefix, outside, block in table:
+        m = pattern.match(key)
+        if m is not None:
+            return m.groups(), prefix, outside, block
+    return None
 
 
 class UnmappedKeyError(KeyError):
@@ -75,15 +104,21 @@ class UnmappedKeyError(KeyError):
 
 
 def is_transformers_key(key: str) -> bool:
-    """True for the names transformers' DeepseekV4ForCausalLM itself uses."""
+    """True for transformers' DeepseekV4ForCausalLM names (and this map's ``mtp.{k}.`` names for MTP)."""
     if key in _FROM_HF_GLOBAL:
         return True
-    m = _HF_LAYER.match(key)
-    return m is not None and (m.group(2) in _FROM_HF_BLOCK or m.group(2) == GATE_UP)
+    found = _match(key, _THEIRS)
+    if found is None:
+        return False
+    (_, rest), _, outside, _ = found
+    return rest in outside or rest in _FROM_HF_BLOCK or rest == GATE_UP
 
 
 class DeepSeekV4StateDictAdapter(StateDictAdapter):
-    """Titan ``StateDictAdapter``: our module names <-> transformers' ``DeepseekV4ForCausalLM`` names."""
+    """Titan ``StateDictAdapter``: our module names <-> transformers' ``DeepseekV4ForCausalLM`` names.
+
+    MTP depths (which transformers does not build) map to ``mtp.{k}.`` plus the same block names.
+    """
 
     def __init__(self, model_args: DeepSeekV4ModelArgs, hf_assets_path: str | None):
         super().__init__(model_args, hf_assets_path)
@@ -95,20 +130,21 @@ class DeepSeekV4StateDictAdapter(StateDictAdapter):
             if key in GLOBAL_RENAMES:
                 hf[GLOBAL_RENAMES[key]] = value
                 continue
-            m = _OURS_LAYER.match(key)
-            if m is None:
+            found = _match(key, _OURS)
+            if found is None:
                 raise UnmappedKeyError(f"no transformers name for parameter {key!r}")
-            layer, rest = m.groups()
-            if rest == W3:
+            (index, rest), prefix, outside, block = found
+            theirs, ours = prefix.format(index), key[: len(key) - len(rest)]
+            if rest in outside:
+                hf[theirs + outside[rest]] = value
+            elif rest == block + W1:
+                hf[theirs + GATE_UP] = torch.cat([value, state_dict[ours + block + W3]], dim=1)
+            elif rest == block + W3:
                 continue  # folded into gate_up_proj with w1
-            if rest == W1:
-                hf[f"model.layers.{layer}.{GATE_UP}"] = torch.cat(
-                    [value, state_dict[f"layers.{layer}.{W3}"]], dim=1
-                )
-                continue
-            if rest not in BLOCK_RENAMES:
+            elif rest.startswith(block) and rest[len(block) :] in BLOCK_RENAMES:
+                hf[theirs + BLOCK_RENAMES[rest[len(block) :]]] = value
+            else:
                 raise UnmappedKeyError(f"no transformers name for parameter {key!r}")
-            hf[f"model.layers.{layer}.{BLOCK_RENAMES[rest]}"] = value
         return hf
 
     def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -117,14 +153,21 @@ class DeepSeekV4StateDictAdapter(StateDictAdapter):
             if key in _FROM_HF_GLOBAL:
                 ours[_FROM_HF_GLOBAL[key]] = value
                 continue
-            m = _HF_LAYER.match(key)
-            if m is None or (m.group(2) not in _FROM_HF_BLOCK and m.group(2) != GATE_UP):
+            found = _match(key, _THEIRS)
+            if found is None:
                 raise UnmappedKeyError(
                     f"checkpoint key {key!r} is not a DeepSeek-V4 (transformers layout) key"
                 )
-            layer, rest = m.groups()
-            if rest == GATE_UP:
-                ours[f"layers.{layer}.{W1}"], ours[f"layers.{layer}.{W3}"] = value.chunk(2, dim=1)
+            (index, rest), prefix, outside, block = found
+            mine = prefix.format(index)
+            if rest in outside:
+                ours[mine + outside[rest]] = value
+            elif rest == GATE_UP:
+                ours[mine + block + W1], ours[mine + block + W3] = value.chunk(2, dim=1)
+            elif rest in _FROM_HF_BLOCK:
+                ours[mine + block + _FROM_HF_BLOCK[rest]] = value
             else:
-                ours[f"layers.{layer}.{_FROM_HF_BLOCK[rest]}"] = value
+                raise UnmappedKeyError(
+                    f"checkpoint key {key!r} is not a DeepSeek-V4 (transformers layout) key"
+                )
         return ours

@@ -1,0 +1,86 @@
+"""Titan's metrics processor, plus DeepSeek-V4's per-step figures: ``mtp_loss``, ``indexer_kl``, ``indexer_recall``.
+
+The figures come from the model's ``StepMetrics`` (closed at each optimizer step), summed over the
+data-parallel ranks, and go to the metrics backends (TensorBoard, W&B) and onto Titan's console line,
+right after ``loss``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.tools.logging import logger as titan_logger
+
+_LOSS_FIELD = re.compile(r"(loss: +-?[0-9.]+(?:e[-+]?\d+)?)")
+
+
+def step_figures(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Global sums -> the logged figures (means over targets, queries and depths)."""
+    figures = {}
+    depths = sorted(int(k.split("/")[1]) for k in sums if k.startswith("mtp_loss_sum/"))
+    if depths:
+        per_depth = [sums[f"mtp_loss_sum/{k}"] / sums[f"mtp_targets/{k}"].clamp_min(1) for k in depths]
+        figures["mtp_loss"] = float(torch.stack(per_depth).mean())
+    if "indexer_kl_queries" in sums and sums["indexer_kl_queries"] > 0:
+        figures["indexer_kl"] = float(sums["indexer_kl_sum"] / sums["indexer_kl_queries"])
+    if "indexer_recall_total" in sums and sums["indexer_recall_total"] > 0:
+        figures["indexer_recall"] = float(sums["indexer_recall_hits"] / sums["indexer_recall_total"])
+        figures["indexer_recall_chance"] = float(sums["indexer_recall_chance"] / sums["indexer_recall_total"])
+    return figures
+
+
+class _AppendToStepLine(logging.Filter):
+    """Puts the extra figures right after ``loss: x`` on Titan's console line (this call's records only)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if "step:" in message and "loss:" in message:
+            record.msg = _LOSS_FIELD.sub(lambda m: f"{m.group(1)}  {self.text}", message, count=1)
+        return True
+
+
+class DeepSeekV4MetricsProcessor(MetricsProcessor):
+    """Logs the step's MTP and indexer figures beside Titan's own."""
+
+    def log(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
+        figures = step_figures(self._global_sums())
+        if not figures:
+            return super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
+        console = "  ".join(f"{k}: {v:.5f}" for k, v in figures.items() if k != "indexer_recall_chance")
+        line = _AppendToStepLine(console)
+        titan_logger.addFilter(line)
+        try:
+            super().log(
+                step,
+                global_avg_loss,
+                global_max_loss,
+                grad_norm,
+                {**(extra_metrics or {}), **{f"loss_metrics/{k}": v for k, v in figures.items()}},
+            )
+        finally:
+            titan_logger.removeFilter(line)
+
+    def _global_sums(self) -> dict[str, torch.Tensor]:
+        closed = {}
+        for part in self.model_parts or []:
+            for name, value in part.step_metrics.closed.items() if hasattr(part, "step_metrics") else ():
+                closed[name] = closed[name] + value if name in closed else value
+        if not closed:
+            return {}
+        names = sorted(closed)
+        values = torch.stack([closed[n] for n in names])
+        mesh = self.parallel_dims.get_optional_mesh("loss") if self.parallel_dims.dp_cp_enabled else None
+        if mesh is not None:
+            torch.distributed.all_reduce(values, group=mesh.get_group())
+        return dict(zip(names, values))
+
+
+def build_deepseek_v4_metrics_processor(job_config, parallel_dims, model_args=None, tag=None):
+    return DeepSeekV4MetricsProcessor(job_config, parallel_dims, tag)
