@@ -1,8 +1,10 @@
 """Tiny DeepSeek-V4 checkpoint folders for the checkpoint tests, written without the package's adapter.
 
-* ``save_pretrained``: transformers' own writer (transformers 5 saves ``model.layers.i.attn.wq_a.weight``-style
+* ``save_pretrained``: transformers' own writer (transformers 5 saves
+``model.layers.i.attn.wq_a.weight``-style
   names and per-expert tensors);
-* released: DeepSeek's names (``embed.weight``, ``layers.i.ffn.experts.j.w1.weight``, ``mtp.0.*``), renamed here
+* released: DeepSeek's names (``embed.weight``, ``layers.i.ffn.experts.j.w1.weight``, ``mtp.0.*``), renamed
+here
   in the transformers -> released direction from the published naming, and checked by loading the folder
   back with transformers itself;
 * quantized: the released folder stored as released: FP8 e4m3 128x128-block weights, FP4 e2m1 routed
@@ -178,7 +180,8 @@ def random_fp4(rows: int, cols: int, g: torch.Generator) -> tuple[torch.Tensor, 
 
 
 def quantize_released(tensors: dict[str, torch.Tensor], seed: int = 0) -> tuple[dict, dict]:
-    """(stored tensors as released: FP8/FP4 with .scale companions, BF16, FP32; the float value of each by name)."""
+    """(stored tensors as released: FP8/FP4 with .scale companions, BF16, FP32; the float value of each by
+    name)."""
     g = torch.Generator().manual_seed(seed)
     stored, values = {}, {}
     for key, w in tensors.items():
@@ -196,7 +199,8 @@ def quantize_released(tensors: dict[str, torch.Tensor], seed: int = 0) -> tuple[
 
 
 def write_shards(folder: str, tensors: dict[str, torch.Tensor], config: dict, n_shards: int = 2) -> None:
-    """Round-robin shards (a weight and its scale, or one layer's experts, land in different files) + index."""
+    """Round-robin shards (a weight and its scale, or one layer's experts, land in different files) +
+    index."""
     os.makedirs(folder, exist_ok=True)
     names = sorted(tensors)
     files = [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
@@ -303,7 +307,8 @@ def reference_with(hf_model, values: dict[str, torch.Tensor], n_experts: int):
 
 
 def make_checkpoints(root: str, seed: int = 0) -> dict:
-    """save_pretrained, released and quantized folders of one random debugmodel-shaped model, plus references."""
+    """save_pretrained, released and quantized folders of one random debugmodel-shaped model, plus
+    references."""
     args = debug_args()
     hf = debug_hf_model(seed)
     n_experts = args.moe_args.num_experts

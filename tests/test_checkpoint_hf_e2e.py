@@ -129,7 +129,8 @@ def test_fp8_fp4_released_folder_is_dequantized_on_load(checkpoints, batch, tmp_
 
 
 def test_released_folder_as_hf_assets_path_exports_in_its_shards(checkpoints, batch, tmp_path):
-    """Titan's other route: weights (and tokenizer) from --model.hf_assets_path; the export keeps its 2 shards."""
+    """Titan's other route: weights (and tokenizer) from --model.hf_assets_path; the export keeps its 2
+    shards."""
     import shutil
 
     from transformers import DeepseekV4ForCausalLM

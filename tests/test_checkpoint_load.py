@@ -29,7 +29,8 @@ def test_every_layout_loads_with_transformers_logits(checkpoints, variant):
 
 
 def test_released_fixture_is_what_transformers_itself_reads(checkpoints):
-    """The test's released renames agree with transformers' own loader (it reads the folder to the same weights)."""
+    """The test's released renames agree with transformers' own loader (it reads the folder to the same
+    weights)."""
     from transformers import DeepseekV4ForCausalLM
 
     loaded = DeepseekV4ForCausalLM.from_pretrained(checkpoints["folders"]["released"], dtype=torch.float32)

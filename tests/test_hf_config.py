@@ -1,4 +1,5 @@
-"""config.json translation: read as transformers reads it, round trips, and refuses what is not implemented."""
+"""config.json translation: read as transformers reads it, round trips, and refuses what is not
+implemented."""
 
 from __future__ import annotations
 

@@ -111,3 +111,19 @@ def test_kl_memory_stays_at_one_query_chunk(debug_args):
     T = SEQ // 4
     assert n > 0 and max(sizes) < SEQ * indexer.n_heads * T / 4  # one chunk's worth, never [S, nI, T]
     assert indexer.wq_b.weight.grad.abs().sum() > 0
+
+
+def test_during_the_dense_warm_up_only_the_indexer_learns(debug_args):
+    from titan_dsv4.infra.loss import deepseek_v4_loss
+
+    model = _model(debug_args, 1.0, warmup=3)
+    model.set_training_step(2)
+    x, y = sample(0, SEQ)
+    loss = deepseek_v4_loss(model(x), y)
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all(_is_indexer(n) for n in with_grad)
+    model.set_training_step(4)  # past the warm-up: the LM loss trains the rest again
+    model.zero_grad()
+    deepseek_v4_loss(model(x), y).backward()
+    assert model.tok_embeddings.weight.grad is not None

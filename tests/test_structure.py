@@ -22,7 +22,8 @@ from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.distributed.parallel_dims import ParallelDims
 import torchtitan.tools.utils as titan_utils
 before = {
-    "CheckpointManager.__init__": CheckpointManager.__init__, "CheckpointManager.dcp_save": CheckpointManager.dcp_save,
+    "CheckpointManager.__init__": CheckpointManager.__init__, "CheckpointManager.dcp_save":
+    CheckpointManager.dcp_save,
     "CheckpointManager._save_last_step": CheckpointManager._save_last_step,
     "ParallelDims._validate": ParallelDims._validate, "torch.histc": torch.histc,
     "device": torch._utils._get_available_device_type, "profiler": torch.profiler.profile,
@@ -31,7 +32,8 @@ before = {
 import titan_dsv4
 import titan_dsv4.cpu
 after = {
-    "CheckpointManager.__init__": CheckpointManager.__init__, "CheckpointManager.dcp_save": CheckpointManager.dcp_save,
+    "CheckpointManager.__init__": CheckpointManager.__init__, "CheckpointManager.dcp_save":
+    CheckpointManager.dcp_save,
     "CheckpointManager._save_last_step": CheckpointManager._save_last_step,
     "ParallelDims._validate": ParallelDims._validate, "torch.histc": torch.histc,
     "device": torch._utils._get_available_device_type, "profiler": torch.profiler.profile,

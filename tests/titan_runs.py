@@ -41,7 +41,8 @@ def run_train(args: list[str], timeout: float = 300, **env: str) -> tuple[int, s
 
 
 def run_with_fault(args: list[str], fault: str, mark: Path, timeout: float = 300) -> tuple[int, str]:
-    """The same launch through tests/fault_injection_train.py, with rank 1 killed (or stopped) at ``fault``."""
+    """The same launch through tests/fault_injection_train.py, with rank 1 killed (or stopped) at
+    ``fault``."""
     env = {
         "TRAIN_FILE": "fault_injection_train",
         "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -67,7 +68,8 @@ def error_lines(log: str) -> list[str]:
 
 
 def first_global_batch(config: str = "train_configs/debug_model.toml", ranks: int = 2):
-    """(inputs, labels) of step 1 on every rank, concatenated: what Titan's dataloaders feed a run of ``config``."""
+    """(inputs, labels) of step 1 on every rank, concatenated: what Titan's dataloaders feed a run of
+    ``config``."""
     import torch
     from torchtitan.components.tokenizer import build_hf_tokenizer
     from torchtitan.config import ConfigManager

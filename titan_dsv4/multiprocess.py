@@ -1,4 +1,5 @@
-"""Run a function on several CPU ranks over gloo, with a hard timeout so a hang fails fast (tests, benchmarks)."""
+"""Run a function on several CPU ranks over gloo, with a hard timeout so a hang fails fast (tests,
+benchmarks)."""
 
 from __future__ import annotations
 

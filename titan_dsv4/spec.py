@@ -23,7 +23,8 @@ NAME = "deepseek_v4"
 
 
 def build_tokenizer_after_job_checks(job_config):
-    """Titan's HF tokenizer, built after ``check_job``: the first spec hook, so refusals come before any work."""
+    """Titan's HF tokenizer, built after ``check_job``: the first spec hook, so refusals come before any
+    work."""
     check_job(job_config)
     return build_hf_tokenizer(job_config)
 

@@ -34,7 +34,8 @@ def _fp8_block(config: dict | None) -> tuple[int, int]:
 
 
 class DeepSeekV4CheckpointAdapter(DeepSeekV4StateDictAdapter):
-    """``DeepSeekV4StateDictAdapter`` that reads every DeepSeek-V4 layout and shards exports like its source."""
+    """``DeepSeekV4StateDictAdapter`` that reads every DeepSeek-V4 layout and shards exports like its
+    source."""
 
     def __init__(self, model_args: DeepSeekV4ModelArgs, hf_assets_path: str | None):
         super().__init__(model_args, hf_assets_path)
@@ -69,7 +70,8 @@ class DeepSeekV4CheckpointAdapter(DeepSeekV4StateDictAdapter):
         return None if unplaced else placed
 
     def expected_hf_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Transformers-layout key -> shape of the model built (from a meta-device model: nothing allocated)."""
+        """Transformers-layout key -> shape of the model built (from a meta-device model: nothing
+        allocated)."""
         from ..model import DeepSeekV4Model
 
         with torch.device("meta"):

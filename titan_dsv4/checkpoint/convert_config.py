@@ -5,7 +5,8 @@
 The [model] flavor is the built-in flavor whose shapes equal the checkpoint's config.json (``debugmodel``,
 ``flash``, ``pro``), or ``hf:CHECKPOINT_DIR``, which builds the model from the config.json itself. The
 [checkpoint] section loads the folder's weights (``initial_load_in_hf``; FP8/FP4 storage is detected). With
-``--base`` the rest of a train config is kept, so the output is a complete config for ``./run_train.sh --config``.
+``--base`` the rest of a train config is kept, so the output is a complete config for ``./run_train.sh
+--config``.
 """
 
 from __future__ import annotations

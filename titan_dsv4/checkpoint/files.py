@@ -119,7 +119,8 @@ def _index_weight_map(folder: str) -> dict[str, str] | None:
 
 
 def scan_folder(folder: str) -> dict[str, StoredTensor]:
-    """Every tensor of the folder by key; a shard named by the index but absent, or a key in two shards, is refused."""
+    """Every tensor of the folder by key; a shard named by the index but absent, or a key in two shards, is
+    refused."""
     weight_map = _index_weight_map(folder)
     if weight_map is not None:
         missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(folder, f))})

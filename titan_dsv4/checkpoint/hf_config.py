@@ -21,7 +21,8 @@ _RUNTIME_FIELDS = (
 
 
 def model_args_from_checkpoint(folder: str) -> DeepSeekV4ModelArgs:
-    """The model args a checkpoint folder's config.json describes (its ``quantization_config`` is storage only)."""
+    """The model args a checkpoint folder's config.json describes (its ``quantization_config`` is storage
+    only)."""
     if not os.path.isdir(folder):
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     config = read_config(folder)
@@ -54,14 +55,16 @@ def matching_flavor(args: DeepSeekV4ModelArgs) -> str | None:
 
 
 def flavor_for_checkpoint(folder: str) -> str:
-    """A built-in flavor name when one matches, else ``hf:<folder>``, which builds the model from config.json."""
+    """A built-in flavor name when one matches, else ``hf:<folder>``, which builds the model from
+    config.json."""
     return matching_flavor(model_args_from_checkpoint(folder)) or CHECKPOINT_FLAVOR_PREFIX + os.path.abspath(
         folder
     )
 
 
 def checkpoint_overrides(folder: str) -> dict[str, dict]:
-    """The [model] and [checkpoint] settings that build the stored model and start training from its weights."""
+    """The [model] and [checkpoint] settings that build the stored model and start training from its
+    weights."""
     folder = os.path.abspath(folder)
     model = {"name": "deepseek_v4", "flavor": flavor_for_checkpoint(folder)}
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):

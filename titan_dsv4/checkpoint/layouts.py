@@ -3,7 +3,8 @@
 * transformers in-memory: ``model.layers.i.self_attn.q_a_proj.weight``, stacked ``mlp.experts.gate_up_proj``;
 * transformers 5's ``save_pretrained``: released-style names with a ``model.`` prefix and per-expert tensors
   (``model.layers.i.attn.wq_a.weight``, ``attn.norm.weight`` for the kv norm);
-* DeepSeek's released layout: ``embed.weight``, ``layers.i.ffn.experts.j.w1.weight`` (FP8/FP4 storage), ``mtp.*``.
+* DeepSeek's released layout: ``embed.weight``, ``layers.i.ffn.experts.j.w1.weight`` (FP8/FP4 storage),
+``mtp.*``.
 
 ``disk_slot`` says where a stored tensor lands (``reader.Slot``); the reader assembles per-expert pieces.
 """
@@ -38,7 +39,7 @@ RELEASED_BLOCK = {
     "attn.wq_b.weight": "self_attn.q_b_proj.weight",
     "attn.wkv.weight": "self_attn.kv_proj.weight",
     "attn.kv_norm.weight": "self_attn.kv_norm.weight",
-    "attn.norm.weight": "self_attn.kv_norm.weight",  # transformers 5's save_pretrained name for the same tensor
+    "attn.norm.weight": "self_attn.kv_norm.weight",  # transformers 5's save_pretrained name for it
     "attn.wo_a.weight": "self_attn.o_a_proj.weight",
     "attn.wo_b.weight": "self_attn.o_b_proj.weight",
     "attn.attn_sink": "self_attn.sinks",
@@ -140,7 +141,8 @@ def detect_layout(keys) -> str | None:
 
 
 def index_in_transformers_names(mapping: dict[str, int], mtp_layers: int = 0) -> dict[str, int]:
-    """An index's shard numbers keyed by transformers names (stacked experts go where their first piece is)."""
+    """An index's shard numbers keyed by transformers names (stacked experts go where their first piece
+    is)."""
     out: dict[str, int] = {}
     for key, index in sorted(mapping.items(), key=lambda kv: kv[1]):
         slot = disk_slot(key, mtp_layers)

@@ -65,7 +65,8 @@ def decode_e8m0(scale: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
-    """``[..., n/2]`` bytes -> ``[..., n]`` float32: the low nibble is the even column, the high nibble the odd one."""
+    """``[..., n/2]`` bytes -> ``[..., n]`` float32: the low nibble is the even column, the high nibble the
+    odd one."""
     b = packed.view(torch.uint8)
     codes = torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2).long()
     table = torch.tensor(E2M1_MAGNITUDES + tuple(-m for m in E2M1_MAGNITUDES), dtype=torch.float32)
@@ -77,7 +78,8 @@ def _slices(box: Box) -> tuple[slice, ...]:
 
 
 def _element_scales(scale, lead: Box, rows: tuple[int, int], cols: tuple[int, int], block: tuple[int, int]):
-    """The scale of every element of the box: each block's scale repeated over its block, then cut to the box."""
+    """The scale of every element of the box: each block's scale repeated over its block, then cut to the
+    box."""
     (r0, r1), (c0, c1), (br, bc) = rows, cols, block
     s = scale[(*_slices(lead), slice(r0 // br, ceil_div(r1, br)), slice(c0 // bc, ceil_div(c1, bc)))]
     s = decode_e8m0(s).repeat_interleave(br, dim=-2).repeat_interleave(bc, dim=-1)

@@ -112,8 +112,8 @@ _QUANTIZED_DTYPES = ("F8_E4M3", "F8_E5M2", "I8", "U8")
 
 
 def _scale_owner(key: str, stored: dict[str, StoredTensor]) -> str | None:
-    """The quantized tensor ``key`` scales (``X.scale`` -> ``X.weight`` or ``X``), or None: then it is a tensor
-    of its own, like the mHC's ``attn_hc.scale``."""
+    """The quantized tensor ``key`` scales (``X.scale`` -> ``X.weight`` or ``X``), or None: then it is a
+    tensor of its own, like the mHC's ``attn_hc.scale``."""
     if not key.endswith(SCALE_SUFFIX):
         return None
     base = key[: -len(SCALE_SUFFIX)]
@@ -124,7 +124,8 @@ def _scale_owner(key: str, stored: dict[str, StoredTensor]) -> str | None:
 
 
 def _encoding(weight: StoredTensor, scale: StoredTensor | None, fp8_block: tuple[int, int]) -> Encoding:
-    """FP8 when e4m3 with a scale, packed FP4 when int8/uint8 with a scale; a quantized tensor must have its scale."""
+    """FP8 when e4m3 with a scale, packed FP4 when int8/uint8 with a scale; a quantized tensor must have its
+    scale."""
     if scale is None:
         if weight.dtype in _QUANTIZED_DTYPES:
             raise CheckpointError(
@@ -194,7 +195,8 @@ def plan_checkpoint(
     slot_of: SlotOf,
     fp8_block: tuple[int, int] = FP8_BLOCK,
 ) -> CheckpointPlan:
-    """Group the folder's tensors into transformers-layout tensors, pairing each quantized tensor with its scale."""
+    """Group the folder's tensors into transformers-layout tensors, pairing each quantized tensor with its
+    scale."""
     owners = {key: _scale_owner(key, stored) for key in stored}
     scales = {owner: stored[key] for key, owner in owners.items() if owner is not None}
     groups: dict[str, list[tuple[Slot, StoredTensor, Encoding]]] = defaultdict(list)

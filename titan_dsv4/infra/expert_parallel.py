@@ -46,7 +46,8 @@ class CPUExpertParallel(ExpertParallel):
             self.input_splits = num_tokens_per_expert.view(ep_degree, -1).sum(dim=1).tolist()
             self.output_splits = received.view(ep_degree, -1).sum(dim=1).tolist()
         routed_input = all_to_all_single_autograd(routed_input, self.output_splits, self.input_splits, group)
-        # Rows arrive grouped [from rank r][local expert e]; regroup them by local expert (padded as Titan does).
+        # Rows arrive grouped [from rank r][local expert e]; regroup them by local expert (padded as Titan
+        # does).
         padded_len = _round_up(
             routed_input.shape[0] + num_local_experts * TOKEN_GROUP_ALIGN_SIZE_M, TOKEN_GROUP_ALIGN_SIZE_M
         )

@@ -132,7 +132,8 @@ def _params_of_nested_units(module: nn.Module) -> set[nn.Parameter]:
 
 
 def fp32_islands(module: nn.Module) -> list[nn.Module]:
-    """The islands under ``module`` not sharded yet, once each (a compiled island is listed as its wrapper)."""
+    """The islands under ``module`` not sharded yet, once each (a compiled island is listed as its
+    wrapper)."""
     found, seen = [], set()
     for name, sub in module.named_modules():
         if name and canonical_name(name) not in seen and is_fp32_island(name, sub):

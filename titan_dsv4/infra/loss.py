@@ -6,7 +6,9 @@ as ``aux - aux.detach()`` (exactly 0 in value) and are logged on their own by ``
     t predicts token t+k+1 (``labels[:, t+k]``); positions without such a target, or whose target lies in
     another document, are ignored;
   * indexer: ``indexer_loss_weight`` x the KL sum (over queries, averaged over CSA layers) of the
-    Lightning Indexer's distillation (its inputs are detached: this term trains only the indexer).
+    Lightning Indexer's distillation (its inputs are detached: this term trains only the indexer); during
+    the dense warm-up (``indexer_warmup_steps``) it is the only term with a gradient, so the indexer learns
+    alone while the LM loss is logged.
 Like the main loss these are sums; Titan divides by the global token count, so gradient accumulation
 and data parallelism stay exact.
 """
@@ -27,7 +29,8 @@ def mtp_labels(labels: torch.Tensor, k: int, valid: torch.Tensor) -> torch.Tenso
 
 
 def deepseek_v4_loss(pred, labels: torch.Tensor, ce=cross_entropy_loss) -> torch.Tensor:
-    """Titan's summed cross-entropy for plain logits; for ``(logits, TrainingOutputs)`` the extra terms too."""
+    """Titan's summed cross-entropy for plain logits; for ``(logits, TrainingOutputs)`` the extra terms
+    too."""
     if isinstance(pred, torch.Tensor):
         return ce(pred, labels)
     logits, extra = pred
@@ -49,12 +52,16 @@ def deepseek_v4_loss(pred, labels: torch.Tensor, ce=cross_entropy_loss) -> torch
         for name, value in zip(INDEXER_STATS, extra.indexer_stats):
             extra.metrics.add(f"indexer_{name}", value)
         if extra.indexer_loss_weight > 0:
-            aux = aux + extra.indexer_loss_weight * extra.indexer_stats[0] / max(1, extra.n_csa_layers)
+            kl = extra.indexer_loss_weight * extra.indexer_stats[0] / max(1, extra.n_csa_layers)
+            if extra.indexer_warmup:  # dense warm-up: the indexer learns alone, the LM loss is only logged
+                return main.detach() + (kl - kl.detach())
+            aux = aux + kl
     return main + (aux - aux.detach())
 
 
 def build_deepseek_v4_loss(job_config, **kwargs):
-    """Titan's loss builder for DeepSeek-V4 (``loss`` in ``compile.components`` compiles the cross-entropy)."""
+    """Titan's loss builder for DeepSeek-V4 (``loss`` in ``compile.components`` compiles the
+    cross-entropy)."""
     del kwargs
     ce = cross_entropy_loss
     if job_config.compile.enable and "loss" in job_config.compile.components:

@@ -1,4 +1,5 @@
-"""Titan's metrics processor, plus DeepSeek-V4's per-step figures: ``mtp_loss``, ``indexer_kl``, ``indexer_recall``.
+"""Titan's metrics processor, plus DeepSeek-V4's per-step figures: ``mtp_loss``, ``indexer_kl``,
+``indexer_recall``.
 
 The figures come from the model's ``StepMetrics`` (closed at each optimizer step), summed over the
 data-parallel ranks, and go to the metrics backends (TensorBoard, W&B) and onto Titan's console line,

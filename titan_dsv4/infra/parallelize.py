@@ -1,4 +1,5 @@
-"""``parallelize_deepseek_v4``: the train spec's parallelize_fn (AC, compile, EP, FSDP2 by the fp32 unit rules)."""
+"""``parallelize_deepseek_v4``: the train spec's parallelize_fn (AC, compile, EP, FSDP2 by the fp32 unit
+rules)."""
 
 from __future__ import annotations
 
@@ -212,7 +213,8 @@ def apply_compile(model: nn.Module, backend: str) -> None:
 
 
 def expert_data_parallel_mesh(parallel_dims: ParallelDims) -> DeviceMesh | None:
-    """The mesh the experts' FSDP shards over under EP, as Titan builds it: ('efsdp',) or ('dp_replicate', 'efsdp')."""
+    """The mesh the experts' FSDP shards over under EP, as Titan builds it: ('efsdp',) or ('dp_replicate',
+    'efsdp')."""
     if not parallel_dims.ep_enabled:
         return None
     names = ["dp_replicate", "efsdp"] if parallel_dims.dp_replicate_enabled else ["efsdp"]
@@ -220,7 +222,8 @@ def expert_data_parallel_mesh(parallel_dims: ParallelDims) -> DeviceMesh | None:
 
 
 def data_parallel_mesh(parallel_dims: ParallelDims) -> DeviceMesh | None:
-    """The mesh FSDP shards over, as Titan builds it: 1-D ('fsdp',) or 2-D ('dp_replicate', 'fsdp') for HSDP."""
+    """The mesh FSDP shards over, as Titan builds it: 1-D ('fsdp',) or 2-D ('dp_replicate', 'fsdp') for
+    HSDP."""
     if parallel_dims.fsdp_enabled:
         names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
         return parallel_dims.get_mesh(names)
@@ -254,7 +257,8 @@ def apply_fsdp(
     conventions.
 
     Under EP the routed experts are their own unit on the expert data-parallel mesh, with the block's
-    policy, sharded on dim 1 when there are fewer experts than efsdp x ep ranks (as Titan's llama4/deepseek_v3).
+    policy, sharded on dim 1 when there are fewer experts than efsdp x ep ranks (as Titan's
+    llama4/deepseek_v3).
     """
     offload = CPUOffloadPolicy() if cpu_offload else None
     common = dict(

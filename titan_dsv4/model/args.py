@@ -203,7 +203,8 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
 
     # ---- Titan protocol ------------------------------------------------------------------------
     def update_from_config(self, job_config, **kwargs) -> None:
-        """Apply the job: sequence length, the ``[deepseek_v4]`` section, Titan's MoE switches; then validate."""
+        """Apply the job: sequence length, the ``[deepseek_v4]`` section, Titan's MoE switches; then
+        validate."""
         seq_len = job_config.training.seq_len
         self.check_seq_len(seq_len)
         self.max_seq_len = seq_len

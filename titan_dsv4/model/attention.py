@@ -314,7 +314,8 @@ class Compressor(nn.Module):
 
 
 class Attention(nn.Module):
-    """Query low-rank path, one shared K=V head, sliding window + compressed entries, sinks, grouped output."""
+    """Query low-rank path, one shared K=V head, sliding window + compressed entries, sinks, grouped
+    output."""
 
     def __init__(self, args: DeepSeekV4ModelArgs, kind: str):
         super().__init__()

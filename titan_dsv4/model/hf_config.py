@@ -26,7 +26,8 @@ _ROPE_TABLES = ("main", "compress")
 
 
 def load_hf_config(path: str | os.PathLike) -> dict:
-    """A ``config.json`` (file, or a folder holding one) as a dict; a clear error when absent or unreadable."""
+    """A ``config.json`` (file, or a folder holding one) as a dict; a clear error when absent or
+    unreadable."""
     path = os.path.join(path, "config.json") if os.path.isdir(path) else str(path)
     if not os.path.isfile(path):
         raise ConfigError(f"{path} does not exist; a Hugging Face DeepSeek-V4 folder carries a config.json")

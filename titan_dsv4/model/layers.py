@@ -45,7 +45,8 @@ class ParamHolder(nn.Module):
 
 
 class RotaryTables(nn.Module):
-    """cos/sin of the "main" and "compress" tables (``args.main_rope``, ``args.compress_rope``), one row per position."""
+    """cos/sin of the "main" and "compress" tables (``args.main_rope``, ``args.compress_rope``), one row per
+    position."""
 
     def __init__(self, args: DeepSeekV4ModelArgs):
         super().__init__()
@@ -68,7 +69,8 @@ class RotaryTables(nn.Module):
     def get(
         self, name: str, length: int, dtype: torch.dtype, positions: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [length, r/2] for positions 0..length-1, or [B, S, r/2] at the given ``positions`` [B, S]."""
+        """cos/sin [length, r/2] for positions 0..length-1, or [B, S, r/2] at the given ``positions`` [B,
+        S]."""
         limit = self.main_cos.shape[0]
         if length > limit:
             raise ValueError(

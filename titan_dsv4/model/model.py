@@ -120,6 +120,7 @@ class TrainingOutputs:
     indexer_loss_weight: float
     n_csa_layers: int
     metrics: StepMetrics
+    indexer_warmup: bool = False  # the dense warm-up: only the indexer learns (the LM loss trains nothing)
 
 
 class StepMetrics:
@@ -224,6 +225,7 @@ class DeepSeekV4Model(ModelProtocol):
             indexer_loss_weight=args.indexer_loss_weight,
             n_csa_layers=self.n_csa_layers,
             metrics=self.step_metrics,
+            indexer_warmup=ctx.indexer_dense,
         )
 
     def hca_compressors(self) -> list[nn.Module]:
@@ -267,7 +269,8 @@ class DeepSeekV4Model(ModelProtocol):
 
 
 def shifted(tokens: torch.Tensor, k: int) -> torch.Tensor:
-    """The tokens k positions ahead; the last k positions (no such token) get token 0, their targets ignored."""
+    """The tokens k positions ahead; the last k positions (no such token) get token 0, their targets
+    ignored."""
     return torch.cat([tokens[:, k:], tokens.new_zeros(tokens.shape[0], k)], dim=1)
 
 

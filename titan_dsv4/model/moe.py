@@ -115,7 +115,8 @@ class ClampedGroupedExperts(GroupedExperts):
 
 
 class DeepSeekV4Router(TokenChoiceTopKRouter):
-    """sqrtsoftplus (or sigmoid) router; ``hash_routed`` layers select experts by ``tid2eid[token_id]`` instead of top-k.
+    """sqrtsoftplus (or sigmoid) router; ``hash_routed`` layers select experts by ``tid2eid[token_id]``
+    instead of top-k.
 
     Scores are evaluated in fp32 (as Titan's routers and NeMo do; transformers uses the model dtype,
     which is the same in fp32). Weights are the unbiased scores of the chosen experts, renormalised
@@ -222,7 +223,8 @@ class DeepSeekV4MoE(MoE):
 
     def _forward_deepep(self, x, top_scores, selected, num_tokens_per_expert) -> torch.Tensor:
         """Titan's DeepEP MoE order: DeepEP dispatches, the combine (weights applied after W2) overlaps the
-        shared expert. Not exercised here (DeepEP is CUDA-only); mirrors ``torchtitan.models.moe.DeepEPMoE``."""
+        shared expert. Not exercised here (DeepEP is CUDA-only); mirrors
+        ``torchtitan.models.moe.DeepEPMoE``."""
         from torchtitan.distributed.deepep import sync_combine
 
         routed = self.experts(x, num_tokens_per_expert, selected, top_scores, self.experts.num_experts)
@@ -245,7 +247,8 @@ class DeepSeekV4MoE(MoE):
 
 
 def default_hash_table(vocab_size: int, num_experts: int, top_k: int) -> torch.Tensor:
-    """Deterministic token -> k distinct experts table for training from scratch (checkpoints bring their own)."""
+    """Deterministic token -> k distinct experts table for training from scratch (checkpoints bring their
+    own)."""
     g = torch.Generator().manual_seed(0x5EED)
     keys = torch.rand(vocab_size, num_experts, generator=g)
     return keys.topk(top_k, dim=-1).indices.sort(dim=-1).values

@@ -1,4 +1,5 @@
-"""Our parameter names <-> transformers' in-memory ``DeepseekV4ForCausalLM`` names (a name map, as Titan's are).
+"""Our parameter names <-> transformers' in-memory ``DeepseekV4ForCausalLM`` names (a name map, as Titan's
+are).
 
 ``to_hf`` / ``from_hf`` are inverses. The one reshape: transformers fuses the routed experts' gate and up
 projections, ``gate_up_proj [E, 2I, D] = cat(w1, w3)``. Reading other namings (save_pretrained, DeepSeek's
@@ -43,7 +44,9 @@ BLOCK_RENAMES = {
     "self_attn.compressor.indexer.ape_param.weight": "self_attn.compressor.indexer.position_bias",
     "self_attn.compressor.indexer.norm.weight": "self_attn.compressor.indexer.kv_norm.weight",
     "self_attn.compressor.indexer.wq_b.weight": "self_attn.compressor.indexer.q_b_proj.weight",
-    "self_attn.compressor.indexer.weights_proj.weight": "self_attn.compressor.indexer.scorer.weights_proj.weight",
+    "self_attn.compressor.indexer.weights_proj.weight": (
+        "self_attn.compressor.indexer.scorer.weights_proj.weight"
+    ),
     "moe.router.gate.weight": "mlp.gate.weight",
     "moe.expert_bias": "mlp.gate.e_score_correction_bias",
     "moe.router.tid2eid": "mlp.gate.tid2eid",
