@@ -29,6 +29,11 @@ def test_run_train_default_config_trains_on_two_cpu_ranks(tmp_path):
             "./run_train.sh",
             "--model",
             "deepseek_v4",
+            "--validation.enable",
+            "--validation.freq",
+            "12",
+            "--validation.steps",
+            "2",
             "--training.steps",
             "12",
             "--job.dump_folder",
@@ -41,6 +46,7 @@ def test_run_train_default_config_trains_on_two_cpu_ranks(tmp_path):
     assert sorted(losses) == list(range(1, 13)), log[-3000:]
     assert losses[12] < losses[1] - 1.0, losses
     assert "global batch size 4" in log  # 2 ranks x local batch 2: FSDP over both
+    assert re.search(r"validate step: 12  loss: +[0-9.]+", log), log[-3000:]  # Titan's validator runs
 
 
 def test_stock_torchtitan_entry_with_custom_import(tmp_path):

@@ -37,7 +37,7 @@ class DeepSeekV4:
     fp32_compute: list[str] | None = None
     """Parts of a bf16 step computed in fp32: attention_logits, router, experts, hc_mixing (README
     "Numerics")."""
-    log_indexer_recall: bool | None = None
+    log_indexer_recall: bool = False
     """Log indexer_recall every step even with the indexer frozen (on whenever indexer_loss_weight > 0)."""
     gpu_memory_gib: float = 0.0
     """Per-device memory the layout must fit (0: the device's own); the trainer refuses a layout that does

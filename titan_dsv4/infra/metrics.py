@@ -54,7 +54,12 @@ class DeepSeekV4MetricsProcessor(MetricsProcessor):
         figures = step_figures(self._global_sums())
         if not figures:
             return super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
-        console = "  ".join(f"{k}: {v:.5f}" for k, v in figures.items() if k != "indexer_recall_chance")
+        console = "  ".join(
+            f"{k}: {v:.5f}"
+            + (f" (chance {figures['indexer_recall_chance']:.3f})" if k == "indexer_recall" else "")
+            for k, v in figures.items()
+            if k != "indexer_recall_chance"
+        )
         line = _AppendToStepLine(console)
         titan_logger.addFilter(line)
         try:

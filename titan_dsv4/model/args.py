@@ -207,7 +207,11 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
         validate."""
         seq_len = job_config.training.seq_len
         self.check_seq_len(seq_len)
-        self.max_seq_len = seq_len
+        validation = getattr(job_config, "validation", None)
+        # the rotary tables cover the longest sequence the job runs (Titan validates at validation.seq_len)
+        self.max_seq_len = max(
+            seq_len, validation.seq_len if validation is not None and validation.enable else 0
+        )
         self._check_tokenizer_fits(job_config.model.hf_assets_path)
         if job_config.parallelism.context_parallel_degree > 1:
             raise ConfigError(

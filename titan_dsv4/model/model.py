@@ -228,6 +228,11 @@ class DeepSeekV4Model(ModelProtocol):
             indexer_warmup=ctx.indexer_dense,
         )
 
+    def get_attention_masks(self, input_batch, tokenizer=None, extra_inputs=None) -> None:
+        """No external masks: DeepSeek-V4 builds its masks inside attention, from the token ids when packed
+        (Titan's validator asks every model for them)."""
+        return None
+
     def hca_compressors(self) -> list[nn.Module]:
         return list(self._hca_compressors)
 
