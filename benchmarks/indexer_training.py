@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Does the Lightning Indexer learn? ``python benchmarks/indexer_training.py [--steps 200] [--seeds 42 43 44]``.
+"""Does the Lightning Indexer learn? ``python benchmarks/indexer_training.py [--steps 200] [--seeds ...]``.
 
 Trains the debug model from scratch with ``./run_train.sh`` (2 CPU ranks, the embedded corpus) twice per
 seed: with the indexer frozen (``indexer_loss_weight 0``, recall still logged) and trained by the KL

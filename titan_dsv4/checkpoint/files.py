@@ -6,7 +6,6 @@ import json
 import os
 import struct
 from dataclasses import dataclass
-from math import prod
 
 import torch
 
@@ -53,10 +52,6 @@ class StoredTensor:
                 f"weight uses (known: {', '.join(DTYPES)}); the file is not a DeepSeek-V4 checkpoint"
             )
         return DTYPES[self.dtype]
-
-    @property
-    def nbytes(self) -> int:
-        return prod(self.shape) * self.torch_dtype.itemsize
 
 
 def _truncated(path: str, needed: int, size: int) -> CheckpointError:

@@ -73,7 +73,8 @@ def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     return table[codes]
 
 
-def _slices(box: Box) -> tuple[slice, ...]:
+def box_slices(box: Box) -> tuple[slice, ...]:
+    """A box (one (start, stop) per dimension) as the slices that index it."""
     return tuple(slice(a, b) for a, b in box)
 
 
@@ -81,7 +82,7 @@ def _element_scales(scale, lead: Box, rows: tuple[int, int], cols: tuple[int, in
     """The scale of every element of the box: each block's scale repeated over its block, then cut to the
     box."""
     (r0, r1), (c0, c1), (br, bc) = rows, cols, block
-    s = scale[(*_slices(lead), slice(r0 // br, ceil_div(r1, br)), slice(c0 // bc, ceil_div(c1, bc)))]
+    s = scale[(*box_slices(lead), slice(r0 // br, ceil_div(r1, br)), slice(c0 // bc, ceil_div(c1, bc)))]
     s = decode_e8m0(s).repeat_interleave(br, dim=-2).repeat_interleave(bc, dim=-1)
     return s[..., r0 % br : r0 % br + r1 - r0, c0 % bc : c0 % bc + c1 - c0]
 
@@ -94,10 +95,10 @@ def dequantize_box(weight, scale, box: Box, encoding: Encoding) -> torch.Tensor:
     """
     *lead, (r0, r1), (c0, c1) = box
     if encoding.kind == "fp8":
-        values = weight[(*_slices(lead), slice(r0, r1), slice(c0, c1))].float()
+        values = weight[(*box_slices(lead), slice(r0, r1), slice(c0, c1))].float()
     elif encoding.kind == "fp4":
         p0 = c0 // 2
-        values = unpack_e2m1(weight[(*_slices(lead), slice(r0, r1), slice(p0, ceil_div(c1, 2)))])
+        values = unpack_e2m1(weight[(*box_slices(lead), slice(r0, r1), slice(p0, ceil_div(c1, 2)))])
         values = values[..., c0 - 2 * p0 : c0 - 2 * p0 + c1 - c0]
     else:
         raise QuantizationError(f"unknown encoding {encoding.kind!r}")

@@ -37,7 +37,15 @@ from torch.futures import Future
 from torchtitan.tools.logging import logger
 
 from .files import CheckpointError, StoredTensor
-from .quantization import FP8_BLOCK, Box, Encoding, dequantize_box, expected_scale_shape, logical_shape
+from .quantization import (
+    FP8_BLOCK,
+    Box,
+    Encoding,
+    box_slices,
+    dequantize_box,
+    expected_scale_shape,
+    logical_shape,
+)
 
 SCALE_SUFFIX = ".scale"
 _PART_ELEMENTS = 8 * 2**20  # values read (and dequantized) at once: 32 MiB in fp32
@@ -225,17 +233,13 @@ def _shift(box: Box, by: tuple[int, ...]) -> Box:
     return tuple((lo - d, hi - d) for (lo, hi), d in zip(box, by))
 
 
-def _slices(box: Box) -> tuple[slice, ...]:
-    return tuple(slice(lo, hi) for lo, hi in box)
-
-
 def read_piece(open_slice, piece: Piece, box: Box) -> torch.Tensor:
     """The values of ``box`` (piece coordinates) of one piece, dequantized when stored quantized."""
     if piece.stacked:
         box = box[1:]  # the stored per-expert tensor has no expert dimension
     weight = open_slice(piece.stored.path, piece.stored.key)
     if not piece.encoding.quantized:
-        return weight[_slices(box)]
+        return weight[box_slices(box)]
     scale = open_slice(piece.encoding.scale_path, piece.encoding.scale_key)
     return dequantize_box(weight, scale, box, piece.encoding)
 
@@ -306,7 +310,7 @@ class DeepSeekV4StorageReader(HuggingFaceStorageReader):
             for piece in self.plan.tensors[req.storage_index.fqn].pieces:
                 hit = _overlap(want, tuple((o, o + n) for o, n in zip(piece.offset, piece.shape)))
                 if hit is not None:
-                    view = target[_slices(_shift(hit, origin))]
+                    view = target[box_slices(_shift(hit, origin))]
                     work[piece.stored.path].append((piece, _shift(hit, piece.offset), view))
             targets.append((req, target))
         # One shard at a time, in parts of at most _PART_ELEMENTS, remapping every _REMAP_BYTES: a rank's
@@ -318,7 +322,7 @@ class DeepSeekV4StorageReader(HuggingFaceStorageReader):
                     origin = tuple(lo for lo, _ in box)
                     for part in split_box(box, _PART_ELEMENTS):
                         values = read_piece(files.slice, piece, part)
-                        sub = view[_slices(_shift(part, origin))]
+                        sub = view[box_slices(_shift(part, origin))]
                         sub.copy_(values.reshape(sub.shape))
                         n = _stored_bytes(piece, part)
                         self.bytes_read += n
