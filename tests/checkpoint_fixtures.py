@@ -64,7 +64,7 @@ _LAYER = {
     "mlp.shared_experts.up_proj.weight": "ffn.shared_experts.w3.weight",
     "mlp.shared_experts.down_proj.weight": "ffn.shared_experts.w2.weight",
 }
-# Stored FP8 in the released instruct checkpoints (the V4 architecture spec, section 7.3); routed experts: FP4.
+# Stored FP8 in the released instruct checkpoints (V4 architecture spec, section 7.3); routed experts: FP4.
 _FP8 = (
     "e_proj.weight",
     "h_proj.weight",
