@@ -1,4 +1,7 @@
-"""Activation checkpointing and torch.compile follow the job config and keep the fp32 unit rules."""
+"""Activation checkpointing and torch.compile follow the job config and keep the fp32 unit rules.
+
+The model carries an MTP depth, so AC and compile are exercised on it as on the backbone's blocks.
+"""
 
 from __future__ import annotations
 
@@ -21,18 +24,26 @@ def _step(rank, world_size, ac_mode, compile_enabled):
     dims = ParallelDims(dp_replicate=1, dp_shard=2, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=2)
     dims.build_mesh()
     with torch.device("meta"):
-        model = DeepSeekV4Model(deepseek_v4_args["debugmodel"].replace(max_seq_len=256))
+        model = DeepSeekV4Model(deepseek_v4_args["debugmodel"].replace(max_seq_len=256, mtp_layers=1))
     parallelize_deepseek_v4(model, dims, job)
     model.to_empty(device="cpu")
     torch.manual_seed(0)
     model.init_weights()
-    tokens = torch.randint(0, 2048, (1, 256), generator=torch.Generator().manual_seed(rank))
-    loss = model(tokens).float().logsumexp(-1).mean()
+    from titan_dsv4.infra.loss import deepseek_v4_loss
+
+    tokens = torch.randint(0, 2048, (1, 257), generator=torch.Generator().manual_seed(rank))
+    loss = deepseek_v4_loss(model(tokens[:, :-1]), tokens[:, 1:]) / 256
     loss.backward()
+    mtp_grad = model.mtp.layers["0"].e_proj.weight.grad.full_tensor()
     total = loss.detach().clone()
     torch.distributed.all_reduce(total)
     grad = model.lm_head.weight.grad.full_tensor()
-    return {"loss": total.item(), "grad_norm": grad.norm().item(), "units": fsdp_units(model)}
+    return {
+        "loss": total.item(),
+        "grad_norm": grad.norm().item(),
+        "mtp_grad_norm": mtp_grad.norm().item(),
+        "units": fsdp_units(model),
+    }
 
 
 def _island_rules_hold(units):
@@ -58,6 +69,9 @@ def test_full_ac_and_compile_keep_numerics_and_islands():
     assert abs(full_ac["loss"] - eager["loss"]) < 1e-6
     assert abs(compiled["loss"] - eager["loss"]) < 1e-2  # inductor reorders bf16 math
     assert abs(compiled["grad_norm"] - eager["grad_norm"]) < 1e-2 * eager["grad_norm"]
+    assert abs(full_ac["mtp_grad_norm"] - eager["mtp_grad_norm"]) < 1e-6 * eager["mtp_grad_norm"]
+    assert abs(compiled["mtp_grad_norm"] - eager["mtp_grad_norm"]) < 2e-2 * eager["mtp_grad_norm"]
+    assert any(u.kind == "mtp" for u in compiled["units"])
 
 
 def _twice(rank, world_size):

@@ -127,3 +127,47 @@ def test_during_the_dense_warm_up_only_the_indexer_learns(debug_args):
     model.zero_grad()
     deepseek_v4_loss(model(x), y).backward()
     assert model.tok_embeddings.weight.grad is not None
+
+
+def _fsdp_kl_step(rank, world_size):
+    from sharded import dims, full_grads, job, parallelized_copy, reference_model
+    from titan_dsv4.flavors import deepseek_v4_args
+    from titan_dsv4.infra.loss import deepseek_v4_loss
+    from titan_dsv4.infra.unit_plan import fsdp_units
+
+    args = deepseek_v4_args["debugmodel"].replace(max_seq_len=SEQ, indexer_loss_weight=1.0)
+    ref = reference_model(args)
+    model = parallelized_copy(ref, dims(world_size, dp_shard=world_size), job(ac="full"))
+    x, y = sample(rank, SEQ)
+    (deepseek_v4_loss(model(x), y) / (SEQ * world_size)).backward()
+    out = {"grads": full_grads(model)}
+    with torch.device("meta"):
+        bf16 = type(ref)(args.replace())
+    from titan_dsv4.infra.parallelize import parallelize_deepseek_v4
+
+    parallelize_deepseek_v4(bf16, dims(world_size, dp_shard=world_size), job("bfloat16"))
+    out["units"] = fsdp_units(bf16)
+    if rank == 0:
+        xs, ys = zip(*(sample(r, SEQ) for r in range(world_size)))
+        (deepseek_v4_loss(ref(torch.cat(xs)), torch.cat(ys)) / (SEQ * world_size)).backward()
+        out["ref"] = {n: p.grad for n, p in ref.named_parameters()}
+    return out
+
+
+def test_under_fsdp_the_indexer_islands_get_the_single_process_gradients():
+    from distributed import run_on_ranks
+
+    out = run_on_ranks(_fsdp_kl_step, 2)[0]
+    for name in (
+        "layers.1.self_attn.compressor.indexer.wkv.weight",
+        "layers.1.self_attn.compressor.indexer.ape_param.weight",
+        "layers.3.self_attn.compressor.indexer.wq_b.weight",
+    ):
+        assert out["grads"][name] is not None and out["grads"][name].abs().sum() > 0, name
+    for name, g in out["grads"].items():
+        ref = out["ref"][name]
+        assert (g is None) == (ref is None), name
+        if g is not None:
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6, msg=name)
+    islands = [u for u in out["units"] if "layers.1.self_attn.compressor.indexer.wkv" in u.members]
+    assert len(islands) == 1 and islands[0].compute_dtypes == {torch.float32}

@@ -107,7 +107,8 @@ def test_launcher_rejects_unknown_model_and_missing_config():
 
 
 def test_every_v4_option_trains_together_on_two_ranks(tmp_path):
-    """MTP, indexer distillation with a dense warm-up, packed documents and expert parallelism, 6 steps."""
+    """MTP, indexer distillation with a dense warm-up, packed documents, expert parallelism and gradient
+    accumulation, 6 steps."""
     rc, log = _run(
         [
             "./run_train.sh",
@@ -127,6 +128,8 @@ def test_every_v4_option_trains_together_on_two_ranks(tmp_path):
             "block_causal",
             "--parallelism.expert_parallel_degree",
             "2",
+            "--training.global_batch_size",
+            "8",  # two micro-batches per step: the extra losses accumulate like Titan's
         ]
     )
     assert rc == 0, log[-4000:]
