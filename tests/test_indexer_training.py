@@ -131,6 +131,7 @@ def test_during_the_dense_warm_up_only_the_indexer_learns(debug_args):
 
 def _fsdp_kl_step(rank, world_size):
     from sharded import dims, full_grads, job, parallelized_copy, reference_model
+
     from titan_dsv4.flavors import deepseek_v4_args
     from titan_dsv4.infra.loss import deepseek_v4_loss
     from titan_dsv4.infra.unit_plan import fsdp_units
