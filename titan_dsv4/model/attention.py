@@ -412,7 +412,7 @@ class Attention(nn.Module):
             mine = scoring.picked[b, rows]
             hits = (top[:, :, None] == mine[:, None, :]).any(-1).sum()
             stats += torch.stack(
-                [hits.float(), torch.tensor(float(top.numel())), (k * k / counts[b, rows]).sum()]
+                [hits.float(), hits.new_tensor(float(top.numel())), (k * k / counts[b, rows]).sum()]
             )
         return stats
 
