@@ -2,8 +2,14 @@
 
 One process, TorchTitan's fake backend standing in for NGPU ranks: builds Titan's meshes, the model on
 the meta device and runs ``parallelize_deepseek_v4``, then prints the FSDP unit plan (units by kind and
-compute dtype, parameters and bytes per rank, resharding, HCA alignment). Nothing is allocated, so
-Flash and Pro plans run on a laptop.
+compute dtype, parameters and bytes per rank, resharding, HCA alignment) and one rank's memory and
+traffic per step (``infra/planning.py``): parameter, gradient and AdamW bytes and the largest unsharded unit
+from the built plan, activations at the config's seq_len and AC mode, all-gather / reduce-scatter /
+all-to-all bytes, and whether the layout fits a device of ``--deepseek_v4.gpu_memory_gib`` GiB (80 when
+unset: an 80 GB GPU), with a layout that would fit when it does not. The analytic estimate, which the
+trainer checks before it allocates, is printed beside the built plan's figures. Nothing is allocated, so
+Flash and Pro plans run on a laptop; ``--parallelism.expert_parallel_degree`` and
+``--parallelism.data_parallel_replicate_degree`` choose the layout.
 """
 
 from __future__ import annotations
@@ -19,11 +25,24 @@ from torchtitan.distributed.utils import init_fake_mode  # noqa: E402
 from torchtitan.protocols.train_spec import get_train_spec  # noqa: E402
 
 import titan_dsv4  # noqa: F401  (CPU support + train spec, before torchtitan)
+from titan_dsv4.infra.planning import (  # noqa: E402
+    DRY_RUN_GPU_MEMORY_GIB,
+    GIB,
+    Layout,
+    Training,
+    built_units,
+    estimate,
+    fitting_layout,
+    format_memory,
+    format_traffic,
+)
 from titan_dsv4.infra.unit_plan import fsdp_units  # noqa: E402
+from titan_dsv4.job_config import check_parallel_degrees  # noqa: E402
 
 
 def build_plan(job: JobConfig, world_size: int) -> dict:
     p = job.parallelism
+    check_parallel_degrees(p, world_size)  # a clear message before Titan's mesh asserts
     dims = ParallelDims(
         dp_replicate=p.data_parallel_replicate_degree,
         dp_shard=p.data_parallel_shard_degree,
@@ -40,8 +59,37 @@ def build_plan(job: JobConfig, world_size: int) -> dict:
     args.update_from_config(job)
     with torch.device("meta"):
         model = spec.model_cls(args)
+    job.comm.mode = "fake_backend"  # parallelize's fit check guards real runs; the dry run reports the fit
     spec.parallelize_fn(model, dims, job)
-    return summarize(model, dims, job, world_size)
+    plan = summarize(model, dims, job, world_size)
+    plan["memory"] = memory_plan(model, args, dims, job)
+    return plan
+
+
+def dry_run_device(job: JobConfig) -> tuple[int, str]:
+    """The device the plan must fit: ``--deepseek_v4.gpu_memory_gib``, else an 80 GB GPU."""
+    gib = getattr(getattr(job, "deepseek_v4", None), "gpu_memory_gib", 0.0) or 0.0
+    if gib > 0:
+        return int(gib * GIB), "--deepseek_v4.gpu_memory_gib"
+    return int(DRY_RUN_GPU_MEMORY_GIB * GIB), "the dry run's default; set --deepseek_v4.gpu_memory_gib"
+
+
+def memory_plan(model, args, dims: ParallelDims, job: JobConfig) -> dict:
+    """One rank's memory and traffic from the built units (MTP from shapes until the model has it), the fit
+    against the dry run's device, and the analytic estimate (the trainer's check) beside them."""
+    layout = Layout.of(dims)
+    training = Training.of(job, layout)
+    device, source = dry_run_device(job)
+    built = estimate(args, layout, training, units=built_units(model))
+    fits = built.fits(device)
+    return {
+        "device_gib": device / GIB,
+        "device_source": source,
+        "fits": fits,
+        "fitting_layout": None if fits else fitting_layout(args, training, device),
+        "estimate": built.figures(),
+        "analytic": estimate(args, layout, training).figures(),
+    }
 
 
 def summarize(model, dims: ParallelDims, job: JobConfig, world_size: int) -> dict:
@@ -54,8 +102,9 @@ def summarize(model, dims: ParallelDims, job: JobConfig, world_size: int) -> dic
         k["units"] += 1
         k[f"units_computing_{compute}"] += 1
         k["reshard_after_forward"] += int(u.reshard_after_forward)
+        gathered = u.numel // dims.ep if u.kind == "experts" else u.numel  # an EP rank's own experts
         k["max_unsharded_bytes"] = max(
-            k["max_unsharded_bytes"], u.numel * (2 if compute == "bfloat16" else 4)
+            k["max_unsharded_bytes"], gathered * (2 if compute == "bfloat16" else 4)
         )
         storage = "/".join(sorted(str(d).replace("torch.", "") for d in u.storage_dtypes))
         per_rank[storage]["params"] += u.local_numel
@@ -100,9 +149,10 @@ def format_plan(plan: dict) -> str:
             for k, n in v.items()
             if k.startswith("units_computing_")
         )
+        largest = v["max_unsharded_bytes"] / gib
         lines.append(
             f"    {kind:7s} {v['units']:5d} units ({dtypes}); reshard after forward: "
-            f"{v['reshard_after_forward']}/{v['units']}; largest unsharded {v['max_unsharded_bytes'] / gib:.3f} GiB"
+            f"{v['reshard_after_forward']}/{v['units']}; largest unsharded {largest:.3f} GiB"
         )
     for dtype, v in plan["per_rank_by_storage_dtype"].items():
         lines.append(f"  per rank, {dtype} storage: {v['params']:,} params, {v['bytes'] / gib:.2f} GiB")
@@ -111,7 +161,36 @@ def format_plan(plan: dict) -> str:
     lines.append(
         f"  HCA alignment: {state} ({h['hca_layers']} HCA layers; one all-reduce per step when enabled)"
     )
+    if "memory" in plan:
+        lines += format_memory_plan(plan["memory"])
     return "\n".join(lines)
+
+
+def format_memory_plan(memory: dict) -> list[str]:
+    """The per-rank memory and traffic tables, the verdict, and the analytic cross-check."""
+    device_gib, built, analytic = memory["device_gib"], memory["estimate"], memory["analytic"]
+    lines = [format_memory(built, int(device_gib * GIB), f"; {memory['device_source']}")]
+    if not memory["fits"]:
+        lines.append(f"  a layout that fits {device_gib:g} GiB: {memory['fitting_layout']}")
+    lines.append(format_traffic(built))
+    pairs = [
+        ("parameters", built["memory_gib"]["parameters"], analytic["memory_gib"]["parameters"]),
+        ("largest unit", built["memory_gib"]["largest_unit"], analytic["memory_gib"]["largest_unit"]),
+        ("peak", built["memory_gib"]["peak"], analytic["memory_gib"]["peak"]),
+        (
+            "all-gather",
+            built["communication_gib_per_step"]["all_gather"],
+            analytic["communication_gib_per_step"]["all_gather"],
+        ),
+        (
+            "reduce-scatter",
+            built["communication_gib_per_step"]["reduce_scatter"],
+            analytic["communication_gib_per_step"]["reduce_scatter"],
+        ),
+    ]
+    checks = ", ".join(f"{name} {b:.2f} / {a:.2f}" for name, b, a in pairs)
+    lines.append(f"  built plan / analytic estimate (the trainer's check), GiB: {checks}")
+    return lines
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from torchtitan.tools.logging import logger
 
 from .expert_parallel import apply_expert_parallel, deepep_available
 from .fsdp_units import shard_unit, shard_with_fp32_units
+from .planning import Layout, experts_shardable, refuse_layout_that_cannot_fit
 
 # Ops whose outputs selective (op) AC keeps instead of recomputing (as Titan's deepseek_v3 does).
 _op_sac_save_list = {
@@ -61,6 +62,8 @@ def parallelize_deepseek_v4(
     if already_parallelized(model, plan):
         return model
     refuse_unimplemented_parallelism(parallel_dims, job_config)
+    refuse_experts_fsdp_cannot_shard(model.model_args, parallel_dims)
+    refuse_layout_that_cannot_fit(model.model_args, parallel_dims, job_config)  # before Titan allocates
     if job_config.activation_checkpoint.mode != "none":
         for stack in block_stacks(model):  # the backbone's layers, and the MTP depths as blocks of their own
             apply_ac(
@@ -100,6 +103,19 @@ def parallelize_deepseek_v4(
 def block_stacks(model: nn.Module) -> list[nn.Module]:
     """Modules whose ``layers`` are FSDP/AC units: the model, and its MTP module when it has one."""
     return [model] + ([model.mtp] if hasattr(model, "mtp") else [])
+
+
+def refuse_experts_fsdp_cannot_shard(model_args, parallel_dims: ParallelDims) -> None:
+    """With more efsdp x ep ranks than experts, FSDP shards experts on dim 1, which must divide evenly."""
+    layout = Layout.of(parallel_dims)
+    if not experts_shardable(model_args, layout):
+        raise UnsupportedParallelismError(
+            f"{layout.describe()} leaves {layout.efsdp} expert data-parallel ranks per expert group for "
+            f"{model_args.moe_args.num_experts} experts: FSDP would shard each expert on its inner dims "
+            f"(moe_inter_dim {model_args.moe_inter_dim}, dim {model_args.dim}), which {layout.efsdp} does "
+            "not divide. Pick an expert_parallel_degree that leaves efsdp x ep <= the expert count, or an "
+            "efsdp dividing both."
+        )
 
 
 def compile_enabled(job_config: JobConfig) -> bool:
