@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-LOSS = re.compile(r"\[rank(\d)\].*step:\s+(\d+)\s+loss:\s+([0-9.]+)")
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
+from titan_runs import losses as _losses
+from titan_runs import run_command
 
 
-def _run(cmd: list[str], timeout: float = 420, **env) -> tuple[int, str]:
-    full_env = {**os.environ, "PYTHON": sys.executable, "LOG_RANK": "0,1", **env}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, ANSI.sub("", proc.stdout + proc.stderr)
-
-
-def _losses(log: str, rank: int = 0) -> dict[int, float]:
-    return {int(s): float(v) for r, s, v in LOSS.findall(log) if int(r) == rank}
+def _run(cmd: list[str], timeout: float = 420) -> tuple[int, str]:
+    return run_command(cmd, timeout)
 
 
 def test_run_train_default_config_trains_on_two_cpu_ranks(tmp_path):

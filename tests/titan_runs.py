@@ -26,18 +26,16 @@ RESUMABLE = [
 ]
 
 
+def run_command(cmd: list[str], timeout: float = 300, **env: str) -> tuple[int, str]:
+    """(exit code, every rank's log without colours) of a launch from the repository root."""
+    full_env = {**os.environ, "PYTHON": sys.executable, "LOG_RANK": "0,1", **env}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, ANSI.sub("", proc.stdout + proc.stderr)
+
+
 def run_train(args: list[str], timeout: float = 300, **env: str) -> tuple[int, str]:
     """(exit code, both ranks' log without colours) of ``./run_train.sh --model deepseek_v4 ARGS``."""
-    full_env = {**os.environ, "PYTHON": sys.executable, "LOG_RANK": "0,1", **env}
-    proc = subprocess.run(
-        ["./run_train.sh", "--model", "deepseek_v4", *args],
-        cwd=ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return proc.returncode, ANSI.sub("", proc.stdout + proc.stderr)
+    return run_command(["./run_train.sh", "--model", "deepseek_v4", *args], timeout, **env)
 
 
 def run_with_fault(args: list[str], fault: str, mark: Path, timeout: float = 300) -> tuple[int, str]:
