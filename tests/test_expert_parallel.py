@@ -162,6 +162,20 @@ def test_refusals_name_the_degree_and_the_fix():
         refuse_unimplemented_parallelism(SimpleNamespace(tp=1, cp=1, pp=1, ep=2, etp=2), job())
 
 
+def test_fp32_experts_under_deepep_is_refused(debug_args):
+    from types import SimpleNamespace
+
+    from titan_dsv4.infra.parallelize import UnsupportedParallelismError, refuse_fp32_experts_under_deepep
+
+    config = job()
+    config.parallelism.expert_parallel_comm_backend = "deepep"
+    debug_args.fp32_compute = ("experts",)
+    with pytest.raises(UnsupportedParallelismError, match="fp32_compute includes 'experts'.*standard"):
+        refuse_fp32_experts_under_deepep(debug_args, SimpleNamespace(ep=2), config)
+    debug_args.fp32_compute = ("attention_logits", "hc_mixing")
+    refuse_fp32_experts_under_deepep(debug_args, SimpleNamespace(ep=2), config)  # the other parts are served
+
+
 def test_bad_expert_degrees_are_refused_before_any_work(debug_args):
     from titan_dsv4.job_config import check_parallel_degrees
     from titan_dsv4.model import ConfigError

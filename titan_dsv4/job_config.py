@@ -35,8 +35,8 @@ class DeepSeekV4:
     attn_impl: str | None = None
     """"sparse" (fast path, default) or "dense" (the masked reference)."""
     fp32_compute: list[str] | None = None
-    """Parts of a bf16 step computed in fp32: attention_logits, router, experts, hc_mixing (README
-    "Numerics")."""
+    """Parts of a bf16 step computed in fp32: attention_logits, router, experts, hc_mixing (default: the
+    first and last; "" for none; README "Numerics")."""
     log_indexer_recall: bool = False
     """Log indexer_recall every step even with the indexer frozen (on whenever indexer_loss_weight > 0)."""
     gpu_memory_gib: float = 0.0

@@ -63,6 +63,7 @@ def parallelize_deepseek_v4(
         return model
     refuse_unimplemented_parallelism(parallel_dims, job_config)
     refuse_experts_fsdp_cannot_shard(model.model_args, parallel_dims)
+    refuse_fp32_experts_under_deepep(model.model_args, parallel_dims, job_config)
     refuse_layout_that_cannot_fit(model.model_args, parallel_dims, job_config)  # before Titan allocates
     if job_config.activation_checkpoint.mode != "none":
         for stack in block_stacks(model):  # the backbone's layers, and the MTP depths as blocks of their own
@@ -197,6 +198,17 @@ def refuse_unimplemented_parallelism(
             "failed; "
             "it is a CUDA library, https://github.com/deepseek-ai/DeepEP). Install it, or use "
             "--parallelism.expert_parallel_comm_backend standard (Titan's all-to-all)."
+        )
+
+
+def refuse_fp32_experts_under_deepep(model_args, parallel_dims, job_config) -> None:
+    """DeepEP's combine applies the routing weights after W2 in bf16, so fp32 experts cannot be served."""
+    backend = job_config.parallelism.expert_parallel_comm_backend if job_config is not None else "standard"
+    if backend == "deepep" and parallel_dims.ep > 1 and "experts" in model_args.fp32_compute:
+        raise UnsupportedParallelismError(
+            "deepseek_v4.fp32_compute includes 'experts' (fp32 SwiGLU, routing weights before W2), which "
+            "DeepEP's dispatch cannot serve (its combine weighs the bf16 outputs after W2). Drop 'experts' "
+            "from --deepseek_v4.fp32_compute or use --parallelism.expert_parallel_comm_backend standard."
         )
 
 

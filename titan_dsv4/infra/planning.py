@@ -37,6 +37,9 @@ the inputs of the fp32 units (mHC, compressor projections, HyperHead, lm_head) t
     saves nothing;
   * MoE: the router's input [D], its fp32 logits and scores [E]; the routed copies [k, D], each routed
     expert's clamped SwiGLU (6 [I] tensors), the fp32 unsorted outputs [k, D]; the shared expert (6 [I]);
+  * fp32_compute (bf16 steps): hc_mixing keeps the residual's tensors in fp32; router an fp32 copy of its
+    input [D] (and of its weight, once per microbatch); experts 6 fp32 SwiGLU tensors and the bf16 output
+    per routed row, its 2 weight columns, and no fp32 combine; attention_logits nothing (backward re-casts);
   * outside the blocks: the HyperHead (an mHC site without Sinkhorn), the final norm, lm_head's fp32 input
     [D] and the loss's fp32 log-probabilities [V]; per MTP depth (a checkpointable unit like a block, as
     ``parallelize_deepseek_v4`` wraps it): enorm, hnorm on every stream, the e_proj / h_proj inputs, a
@@ -379,22 +382,29 @@ def _compressor_bytes(a: DeepSeekV4ModelArgs, ratio: int, c: int) -> float:
 def block_activation_terms(a: DeepSeekV4ModelArgs, ratio: int, seq_len: int, c: int) -> dict[str, float]:
     """Bytes autograd saves per token in one block's forward without AC, by part (module docstring)."""
     D, n, k, inter, E = a.dim, a.hc_mult, a.moe_args.top_k, a.moe_inter_dim, a.moe_args.num_experts
+    fp32_router, fp32_experts = (part in a.fp32_compute and c != _FP32 for part in ("router", "experts"))
+    if fp32_experts:  # rows carry 2 weight columns; 6 fp32 SwiGLU tensors and the bf16 h; no fp32 combine
+        routed = k * (D + 2) * c + k * inter * (6 * _FP32 + c) + k * (16 + _FP32)
+    else:
+        routed = k * D * c + 6 * k * inter * c + k * D * _FP32 + k * (16 + _FP32)
     return {
-        "residual": 2 * (n * D + D + n * n + n) * c,
+        "residual": 2 * (n * D + D + n * n + n) * (_FP32 if "hc_mixing" in a.fp32_compute else c),
         "mHC": 2 * _mhc_site_bytes(a, c),
         "norms": 2 * _norm_bytes(D) + _norm_bytes(a.q_lora_rank) + _norm_bytes(a.head_dim),
         "attention projections": (D + a.q_lora_rank + a.o_groups * a.o_lora_rank) * c,
         "attention kernel": _attention_kernel_bytes(a, ratio, seq_len, c),
         "compressor": _compressor_bytes(a, ratio, c) if ratio else 0,
-        "router": D * c + 2 * E * _FP32 + k * (8 + _FP32) + _FP32,
-        "routed experts": k * D * c + 6 * k * inter * c + k * D * _FP32 + k * (16 + _FP32),
+        "router": D * c + (D * _FP32 if fp32_router else 0) + 2 * E * _FP32 + k * (8 + _FP32) + _FP32,
+        "routed experts": routed,
         "shared expert": 6 * inter * c,
     }
 
 
 def block_sequence_bytes(a: DeepSeekV4ModelArgs, seq_len: int, c: int) -> int:
-    """Saved once per sequence, not per row: the rotary cos/sin of three rotations and the window mask."""
-    return 6 * seq_len * a.rope_head_dim * c + seq_len * 2 * a.sliding_window
+    """Saved once per microbatch, not per row: the rotary cos/sin of three rotations, the window mask (and
+    the router weight's fp32 copy when the router computes in fp32)."""
+    router = a.moe_args.num_experts * a.dim * _FP32 if "router" in a.fp32_compute and c != _FP32 else 0
+    return 6 * seq_len * a.rope_head_dim * c + seq_len * 2 * a.sliding_window + router
 
 
 def head_activation_terms(a: DeepSeekV4ModelArgs, c: int) -> dict[str, float]:

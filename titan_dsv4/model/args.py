@@ -110,8 +110,9 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
     indexer_loss_weight: float = 0.0  # 0: the Lightning Indexer is frozen (no KL, no gradient)
     indexer_warmup_steps: int = 0  # steps of dense CSA attention in which only the indexer learns
     log_indexer_recall: bool = False  # measure indexer_recall in training even with the indexer frozen
-    # bf16 steps: parts that compute in fp32 (FP32_COMPUTE_PARTS); see README "Numerics".
-    fp32_compute: tuple[str, ...] = ()
+    # bf16 steps: parts that compute in fp32 (FP32_COMPUTE_PARTS). The default is the pair the numerics
+    # report found to pay (benchmarks/numerics.py, README "Numerics"); a no-op in fp32.
+    fp32_compute: tuple[str, ...] = ("attention_logits", "hc_mixing")
 
     # ---- schedule ----------------------------------------------------------------------------
     def layer_type(self, layer_id: int) -> str:
@@ -302,7 +303,11 @@ def apply_options(args: DeepSeekV4ModelArgs, section) -> None:
     for key, name in OPTION_FIELDS.items():
         value = getattr(section, key, None)
         if value is not None:
-            setattr(args, name, tuple(value) if isinstance(value, list) else value)
+            if isinstance(
+                value, list
+            ):  # the CLI's comma-separated list; "" (one empty item) is the empty list
+                value = tuple(item for item in value if item)
+            setattr(args, name, value)
     problems = []
     if args.mtp_layers < 0:
         problems.append(f"deepseek_v4.mtp_layers={args.mtp_layers}: the number of MTP depths must be >= 0")

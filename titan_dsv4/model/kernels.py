@@ -71,9 +71,34 @@ def window_mask(seq_len: int, window: int, device: torch.device, doc_ids: torch.
 
 def _logits(q: torch.Tensor, k: torch.Tensor, equation: str, fp32: bool) -> torch.Tensor:
     """Scaled q.k by an einsum; in fp32 when asked (the inputs are then upcast before the product)."""
-    if fp32:
-        q, k = q.float(), k.float()
+    if fp32 and (q.dtype != torch.float32 or k.dtype != torch.float32):
+        return _Fp32Einsum.apply(equation, q, k) * q.shape[-1] ** -0.5
     return torch.einsum(equation, q, k) * q.shape[-1] ** -0.5
+
+
+class _Fp32Einsum(torch.autograd.Function):
+    """einsum of the fp32 upcasts that saves the low-precision inputs, not fp32 copies of the gathered keys.
+
+    Autograd on ``einsum(q.float(), k.float())`` would keep both upcasts for backward: for CSA's gathered
+    picks ([S x k x d] per row) that doubles the kernel's largest saved tensor. Backward re-casts instead;
+    the values are the same (a bf16 -> fp32 cast is exact). Every index of either operand appears in the
+    other operand or the output (true of the kernels' equations), so each gradient is one einsum.
+    """
+
+    @staticmethod
+    def forward(ctx, equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.equation = equation
+        ctx.save_for_backward(a, b)
+        return torch.einsum(equation, a.float(), b.float())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        operands, out = ctx.equation.split("->")
+        a_idx, b_idx = operands.split(",")
+        grad_a = torch.einsum(f"{out},{b_idx}->{a_idx}", grad, b.float()).to(a.dtype)
+        grad_b = torch.einsum(f"{out},{a_idx}->{b_idx}", grad, a.float()).to(b.dtype)
+        return None, grad_a, grad_b
 
 
 def _softmax_with_sink(logits: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:

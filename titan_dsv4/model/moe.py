@@ -138,9 +138,7 @@ class DeepSeekV4Router(TokenChoiceTopKRouter):
             _debug_force_load_balance=m._debug_force_load_balance,
         )
         self.score_func = m.score_func  # "sqrtsoftplus" (the released models) or "sigmoid"
-        self.fp32_logits = (
-            "router" in args.fp32_compute
-        )  # the gate's matmul in fp32 (a no-op for fp32 inputs)
+        self.fp32_logits = "router" in args.fp32_compute  # the gate's matmul in fp32 (no-op for fp32 inputs)
         self.hash_routed = hash_routed
         if hash_routed:
             self.register_buffer(
