@@ -6,7 +6,9 @@
   c. attention fwd+bwd time and memory vs sequence length, dense reference vs sparse fast path
   d. ours vs transformers' DeepseekV4ForCausalLM (eager), same weights
   e. ours vs TorchTitan's deepseek_v3 debugmodel through the same Trainer, matched active parameters
+  f. expert parallelism (EP 2) vs FSDP alone at the mid-size shape, interleaved runs, side by side
   + a torch.profiler view of one training step, and PASS / MISS for every target.
+Sections a, b, e, f and the profile train through TorchTitan's own Trainer (``./run_train.sh``).
 
 Each section runs in its own subprocess (``dsv4_bench.run_section``), one after the other, so that
 no two measurements share the two cores and each section's memory figures start from a clean
@@ -35,8 +37,8 @@ sys.path.insert(0, str(HERE))
 from dsv4_bench.plot import plot_attention_scaling  # noqa: E402
 from dsv4_bench.report import evaluate_targets, render  # noqa: E402
 
-SECTIONS = ("training", "attention", "hf", "titan")  # a+b (+profile), c, d, e
-TIMEOUT_S = {"training": 900, "attention": 1200, "hf": 600, "titan": 900}
+SECTIONS = ("training", "attention", "hf", "titan", "ep")  # a+b (+profile), c, d, e, f
+TIMEOUT_S = {"training": 900, "attention": 1200, "hf": 600, "titan": 900, "ep": 1200}
 IDLE_WAIT_BUDGET_S = {"full": 90.0, "quick": 10.0}  # total wait for other processes to go quiet
 
 
@@ -113,6 +115,17 @@ def run_section(name: str, quick: bool, idle_budget: list[float]) -> dict:
     return record
 
 
+def plot_if_possible(attention: dict | None, path: Path) -> str | None:
+    """Draw the attention figure; why not (no result, no matplotlib) instead of failing the whole report."""
+    if not attention:
+        return "no plot: attention section failed"
+    try:
+        plot_attention_scaling(attention, str(path))
+    except ImportError as e:
+        return f"no plot: {e} (pip install -e '.[bench]')"
+    return None
+
+
 def header(args, sections: dict, total_s: float) -> list[str]:
     versions = {}
     for rec in sections.values():
@@ -128,7 +141,7 @@ def header(args, sections: dict, total_s: float) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes and few steps (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few steps (a few minutes)")
     args = parser.parse_args()
     (RESULTS / "logs").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -136,8 +149,7 @@ def main() -> None:
     sections = {name: run_section(name, args.quick, idle_budget) for name in SECTIONS}
     attention = sections["attention"].get("result")
     plot_path = RESULTS / "attention_scaling.png"
-    if attention:
-        plot_attention_scaling(attention, str(plot_path))
+    plot_note = plot_if_possible(attention, plot_path)
     total_s = time.perf_counter() - start
     targets = evaluate_targets(sections)
     text = render(sections, targets, header(args, sections, total_s))
@@ -149,14 +161,14 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "targets": [t.as_dict() for t in targets],
         "sections": sections,
-        "plot": str(plot_path.relative_to(ROOT)) if attention else None,
+        "plot": None if plot_note else str(plot_path.relative_to(ROOT)),
         "report": text,
     }
     (RESULTS / "bench.json").write_text(json.dumps(report, indent=1))
     print(text)
     print(
         f"\nwrote {(RESULTS / 'bench.json').relative_to(ROOT)}"
-        + (f" and {plot_path.relative_to(ROOT)}" if attention else " (no plot: attention section failed)")
+        + (f" ({plot_note})" if plot_note else f" and {plot_path.relative_to(ROOT)}")
     )
 
 

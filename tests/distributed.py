@@ -1,4 +1,4 @@
-"""Tests spawn their ranks with the package's helper (shared with the benchmarks)."""
+"""Tests spawn their ranks with titan_dsv4.multiprocess (each launch has a timeout, so a hang fails fast)."""
 
 from titan_dsv4.multiprocess import run_on_ranks
 

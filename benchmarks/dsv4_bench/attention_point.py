@@ -14,6 +14,7 @@ import gc
 import torch
 
 from titan_dsv4.model.attention import Attention
+from titan_dsv4.model.context import ForwardContext
 from titan_dsv4.model.kernels import ATTENTION_KERNELS, CompressedKV
 from titan_dsv4.model.layers import RotaryTables
 
@@ -86,15 +87,16 @@ def module_step(kind: str, impl: str, seq_len: int):
     args = shape_args("debugmodel", seq_len).replace(attn_impl=impl)
     layer_id = args.compress_ratios.index(args.csa_ratio if kind == "csa" else args.hca_ratio)
     torch.manual_seed(0)
-    attn = Attention(args, layer_id)
-    attn.init_weights(args.init_std)
-    rope = RotaryTables(args)
+    attn = Attention(args, args.layer_type(layer_id))
+    attn.init_weights(args.init_std, args.init_std / (2 * (layer_id + 1)) ** 0.5)  # as its block does
     g = torch.Generator().manual_seed(seq_len)
     x = torch.randn(1, seq_len, args.dim, generator=g, requires_grad=True)
     grad_out = torch.randn(1, seq_len, args.dim, generator=g)
+    # What the model hands every block: rotary tables and token ids (one sequence per row, no indexer loss).
+    ctx = ForwardContext(RotaryTables(args), torch.zeros(1, seq_len, dtype=torch.long))
 
     def step() -> None:
-        attn(x, rope).backward(grad_out)
+        attn(x, ctx)[0].backward(grad_out)
         x.grad = None  # gradients are part of the call's memory, not of the next call's baseline
         attn.zero_grad(set_to_none=True)
 

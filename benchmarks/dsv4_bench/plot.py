@@ -7,7 +7,7 @@ STYLES = {"dense": dict(linestyle="--", marker="s"), "sparse": dict(linestyle="-
 
 
 def plot_attention_scaling(attention: dict, path: str) -> None:
-    """2x2 panels (time / memory x kernel / module); each line one case and path, labelled with its exponent."""
+    """2x2 panels (time / memory x kernel / module); a line per case and path, labelled with its exponent."""
     import matplotlib
 
     matplotlib.use("Agg")

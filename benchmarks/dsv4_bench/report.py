@@ -14,6 +14,8 @@ DENSE_EXPONENT_MIN = (
 HF_SPEEDUP_MIN = 2.0
 TPS_RATIO_MIN = 0.8
 ACTIVE_PARAMS_TOLERANCE = 0.10
+EP_STEP1_LOSS_TOLERANCE = 1e-3  # before any update EP and FSDP compute the same forward (bf16 rounding aside)
+A2A_BYTES_TOLERANCE = 0.01  # the per-expert count exchange is the only all-to-all traffic besides the rows
 BUSY_CORES = 0.3  # CPU use by other processes just before a section: the two cores were shared
 
 
@@ -92,7 +94,7 @@ def _section_error(sections: dict, name: str) -> list[str]:
 def evaluate_targets(sections: dict) -> list[Target]:
     targets: list[Target] = []
     training = _result(sections, "training") or {}
-    ours, base = training.get("debugmodel/parallelize"), training.get("debugmodel/per_island")
+    ours, base = training.get("debugmodel/grouped"), training.get("debugmodel/per_island")
     if ours and base:
         o, b = ours["comms_per_rank"][0], base["comms_per_rank"][0]
         targets.append(
@@ -157,22 +159,60 @@ def evaluate_targets(sections: dict) -> list[Target]:
             detail=titan and f"ratio {titan['active_param_ratio']:.3f}",
         )
     )
+    targets += ep_targets(_result(sections, "ep"))
     return targets
 
 
+def ep_targets(ep: dict | None) -> list[Target]:
+    """Section f's checks that EP and FSDP ran the same computation and that the counter saw EP's traffic."""
+    loss = ep and ep["losses"]
+    expected, counted = (
+        (ep["all_to_all_mib_expected_from_routing"], ep["all_to_all_mib_measured"]) if ep else (0, 0)
+    )
+    return [
+        Target(
+            "f",
+            "|step-1 loss EP2 - FSDP| (same seed, data, weights)",
+            loss and loss["step1_abs_diff"],
+            EP_STEP1_LOSS_TOLERANCE,
+            False,
+            detail=loss and f"losses {loss['ep2'][0]:.5f} vs {loss['fsdp'][0]:.5f}",
+        ),
+        Target(
+            "f",
+            "|all-to-all bytes counted / from routing - 1|",
+            ep and abs(counted / expected - 1),
+            A2A_BYTES_TOLERANCE,
+            False,
+            detail=ep and f"{counted:.2f} MiB counted vs {expected:.2f} MiB from the routing",
+        ),
+    ]
+
+
 # ---- sections ----------------------------------------------------------------------------------------
+def _runs_label(run: dict) -> str:
+    return (
+        f"{run['warmup_steps']} untimed steps (the config's {run['indexer_warmup_steps']} dense indexer "
+        f"warm-up steps included), {len(run['step_s_all'])} timed"
+    )
+
+
 def section_a(sections: dict) -> list[str]:
     out = [
-        "[a] Training step: 2 CPU ranks over gloo, parallelize_deepseek_v4 (bf16 params, fp32 reduce), AC "
-        "none,",
-        "    forward + loss + backward + clip + AdamW; seq 512 x local batch 2 per rank; warmup steps not "
-        "timed",
+        "[a] Training step through TorchTitan's Trainer: ./run_train.sh --model deepseek_v4 (2 CPU ranks "
+        "over gloo, 1 thread",
+        "    each), train_configs/debug_model.toml (embedded corpus, seq 512 x local batch 2 per rank, bf16 "
+        "params / fp32 reduce,",
+        "    AC none), --debug.seed 0. Timed: the Trainer's own train_step (data, forward, loss, backward, "
+        "clip, AdamW, metrics),",
+        "    slower rank",
     ]
     training = _result(sections, "training")
     if not training:
         return out + _section_error(sections, "training")
+    runs = {"debugmodel": training["debugmodel/grouped"], MID: training[f"{MID}/grouped"]}
+    out[-1] += f" per step; {_runs_label(runs['debugmodel'])}"
     rows = []
-    runs = {"debugmodel": training["debugmodel/parallelize"], MID: training[f"{MID}/parallelize"]}
     for name, r in runs.items():
         rows.append(
             [
@@ -183,6 +223,7 @@ def section_a(sections: dict) -> list[str]:
                 f"{min(r['step_s_all']):.3f}-{max(r['step_s_all']):.3f}",
                 f"{r['tokens_per_s_per_rank']:.0f}",
                 f"{r['tokens_per_s_global']:.0f}",
+                " / ".join(f"{t:.0f}" for t in r["titan_tps_per_rank_mean_timed"]),
                 " / ".join(f"{m:.0f}" for m in r["peak_rss_mib_per_rank"]),
                 f"{r['rss_before_build_mib_per_rank'][0]:.0f}",
             ]
@@ -197,6 +238,7 @@ def section_a(sections: dict) -> list[str]:
             "",
             _x(m["tokens_per_s_per_rank"], d["tokens_per_s_per_rank"]),
             _x(m["tokens_per_s_global"], d["tokens_per_s_global"]),
+            _x(m["titan_tps_per_rank_mean_timed"][0], d["titan_tps_per_rank_mean_timed"][0]),
             _x(m["peak_rss_mib_per_rank"][0], d["peak_rss_mib_per_rank"][0]),
             "",
         ]
@@ -209,20 +251,28 @@ def section_a(sections: dict) -> list[str]:
         "min-max",
         "tok/s/rank",
         "tok/s (2 ranks)",
+        "Titan tps r0 / r1",
         "peak RSS MiB r0 / r1",
         "RSS before build",
     ]
-    return out + _table(header, rows)
+    out += _table(header, rows)
+    out.append(
+        "  Titan tps: the Trainer's own logged tokens/s per rank, mean over the timed steps (it also counts "
+        "the time between steps)."
+    )
+    return out
 
 
 def section_b(sections: dict) -> list[str]:
     out = [
-        "[b] Collectives per training step (rank 0), debugmodel; bytes = full buffer (gathered / unreduced)"
+        "[b] Collectives per training step (rank 0), debugmodel, through the Trainer as in [a]; bytes = full "
+        "buffer (gathered /",
+        "    unreduced), sent = what leaves the rank for the other rank",
     ]
     training = _result(sections, "training")
     if not training:
         return out + _section_error(sections, "training")
-    runs = [training[k] for k in ("debugmodel/parallelize", "debugmodel/per_island", "debugmodel/fp32")]
+    runs = [training[k] for k in ("debugmodel/grouped", "debugmodel/per_island", "debugmodel/fp32")]
     rows = []
     for r in runs:
         c = r["comms_per_rank"][0]
@@ -242,6 +292,7 @@ def section_b(sections: dict) -> list[str]:
                 f"{c['forward_all_gathers_per_block']:.2f} ({dtypes})",
                 f"{c['forward_all_gathers_root_level']:g}",
                 f"{c['forward_all_gathers_over_n_layers']:.2f}",
+                _mib(c["sent_bytes_per_step_total"]),
                 f"{r['step_s_median']:.3f}",
                 f"{r['peak_rss_mib_per_rank'][0]:.0f}",
             ]
@@ -259,6 +310,7 @@ def section_b(sections: dict) -> list[str]:
             _x(bc["forward_all_gathers_per_block"], oc["forward_all_gathers_per_block"]),
             "",
             _x(bc["forward_all_gathers_over_n_layers"], oc["forward_all_gathers_over_n_layers"]),
+            _x(bc["sent_bytes_per_step_total"], oc["sent_bytes_per_step_total"]),
             _x(b["step_s_median"], o["step_s_median"]),
             _x(b["peak_rss_mib_per_rank"][0], o["peak_rss_mib_per_rank"][0]),
         ]
@@ -273,17 +325,21 @@ def section_b(sections: dict) -> list[str]:
         "fwd AG in each block",
         "fwd AG root",
         "all fwd AG / n_layers",
+        "sent MiB",
         "step s",
         "peak MiB r0",
     ]
     out += _table(header, rows)
-    out.append(
+    by_api = ", ".join(f"{k} {v:g}" for k, v in oc["per_step_by_api"].items())
+    out += [
         "  AG / RS / AR: all-gathers / reduce-scatters / all-reduces per step; 'fwd AG in each block': "
-        "forward"
-    )
-    out.append(
-        "  all-gathers issued inside a block's forward, per block; 'root': the root unit and its fp32 island."
-    )
+        "forward all-gathers",
+        "  issued inside a block's forward, per block; 'root': the root unit and its fp32 island. AR counts "
+        "torch.distributed's",
+        "  (HCA alignment flag, expert loads) and the functional ones (grad-norm clipping, Titan's "
+        "token-count and loss",
+        f"  reductions). (1) by API and kind: {by_api}",
+    ]
     out += [f"  {r['layout']}: {r['layout_description']}" for r in runs]
     same_ranks = all(r["comms_per_rank"][0] == r["comms_per_rank"][1] for r in runs)
     faster, slower = (o, b) if o["step_s_median"] <= b["step_s_median"] else (b, o)
@@ -297,7 +353,7 @@ def section_b(sections: dict) -> list[str]:
     )
     same_loss = o["global_losses"] == b["global_losses"]
     out.append(
-        f"  same seed/data: losses of (1) and (2) identical: {'yes' if same_loss else 'no'}; "
+        f"  same seed/data: losses of (1) and (2) identical at every step: {'yes' if same_loss else 'no'}; "
         f"counts identical on both ranks: {'yes' if same_ranks else 'no'}"
     )
     return out
@@ -365,7 +421,10 @@ def section_d(sections: dict) -> list[str]:
 
 def section_e(sections: dict) -> list[str]:
     titan = _result(sections, "titan")
-    head = "[e] Ours vs TorchTitan deepseek_v3 debugmodel through the same Trainer (run_train.sh, 2 ranks, seq 512, local batch 2"
+    head = (
+        "[e] Ours vs TorchTitan deepseek_v3 debugmodel through the same Trainer (run_train.sh, 2 ranks, "
+        "seq 512, local batch 2"
+    )
     if not titan:
         return [head + ")"] + _section_error(sections, "titan")
     out = [
@@ -397,7 +456,14 @@ def section_e(sections: dict) -> list[str]:
         ],
     ]
     out += _table(["model", "params", "active", "tokens/s/rank", "peak GiB r0"], rows)
-    mid = (_result(sections, "training") or {}).get(f"{MID}/parallelize")
+    warmup = titan.get("ours_indexer_warmup_steps", 0)
+    if warmup:
+        after = "all after" if titan["steps"] - titan["averaged_last_steps"] >= warmup else "NOT all after"
+        out.append(
+            f"  ours trains the Lightning Indexer as the shipped config does (KL distillation after {warmup} "
+            f"dense warm-up steps); the averaged steps are {after} the warm-up"
+        )
+    mid = (_result(sections, "training") or {}).get(f"{MID}/grouped")
     if mid:
         same = "matches" if mid["params_active"] == ours["params_active"] else "DIFFERS from"
         out.append(
@@ -407,9 +473,69 @@ def section_e(sections: dict) -> list[str]:
     return out
 
 
+def _range(values: list[float], fmt: str) -> str:
+    """'lo-hi' over runs (one value when they agree at this precision)."""
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+EP_FORMATS = {"step_s": "{:.3f}", "tokens_per_s": "{:.0f}", "peak_rss_mib": "{:.0f}", "collectives": "{:g}"}
+
+
+def section_f(sections: dict) -> list[str]:
+    ep = _result(sections, "ep")
+    head = (
+        f"[f] Expert parallelism: EP 2 vs FSDP alone, {MID}, 2 CPU ranks over gloo, through the Trainer as "
+        "in [a]; only"
+    )
+    if not ep:
+        return [head, "    --parallelism.expert_parallel_degree differs"] + _section_error(sections, "ep")
+    n = len(ep["runs"]["fsdp"])
+    out = [
+        head,
+        f"    --parallelism.expert_parallel_degree differs (2 vs 1). {n} runs each, interleaved in the order "
+        f"{', '.join(ep['order'])};",
+        f"    each {ep['untimed_steps']} untimed (indexer warm-up included) + {ep['timed_steps']} timed "
+        "steps. Ranges are over runs;",
+        "    EP2/FSDP is the ratio of the medians, 'pairs' its range over the runs made back to back",
+    ]
+    labels = {name: cfg["label"] for name, cfg in ep["configs"].items()}
+    rows = []
+    for key, f in ep["figures"].items():
+        fmt = EP_FORMATS.get(key, "{:.2f}")
+        pairs = [r for r in f["ratio_pairs"] if r is not None]
+        rows.append(
+            [
+                f["label"],
+                _range(f["fsdp"], fmt),
+                _range(f["ep2"], fmt),
+                "n/a" if f["ratio_of_medians"] is None else f"{f['ratio_of_medians']:.2f}x",
+                _range(pairs, "{:.2f}x") if pairs else "n/a",
+            ]
+        )
+    out += _table(["figure (per step)", labels["fsdp"], labels["ep2"], "EP2/FSDP", "pairs"], rows)
+    loss = ep["losses"]
+    same = ", ".join(f"{labels[k]} {'yes' if v else 'no'}" for k, v in loss["repeatable"].items())
+    out += [
+        "  Collective figures are per rank, the mean of the two ranks (under EP each rank's all-to-all "
+        "volume follows the routing);",
+        "  MiB = full buffers as in [b]; 'sent' = bytes leaving the rank. Under EP the experts' FSDP mesh "
+        "(efsdp) has one rank:",
+        "  their parameters are never gathered, their tokens travel instead.",
+        f"  all-to-all: {ep['all_to_all_mib_measured']:.2f} MiB counted vs "
+        f"{ep['all_to_all_mib_expected_from_routing']:.2f} MiB from the routing (MoE blocks x "
+        "dispatch/combine x fwd/bwd x tokens x top-k x dim x 2 bytes)",
+        f"  losses (first runs): step 1 {loss['ep2'][0]:.5f} (EP 2) vs {loss['fsdp'][0]:.5f} (FSDP); largest "
+        f"relative difference over the {len(loss['fsdp'])} steps {loss['max_rel_diff']:.2e}",
+        f"  (bf16 rounding differs once experts compute per source rank; Adam's first steps amplify it); "
+        f"losses identical across a configuration's runs: {same}",
+    ]
+    return out
+
+
 def section_profile(sections: dict) -> list[str]:
     training = _result(sections, "training")
-    run = training and training.get(f"{MID}/parallelize")
+    run = training and training.get(f"{MID}/grouped")
     prof = run and run.get("profile")
     if not prof:
         return ["[profile] no step profile (training section failed)"]
@@ -417,9 +543,10 @@ def section_profile(sections: dict) -> list[str]:
     total = prof["total_self_cpu_ms"]
     where = "; ".join(f"{k} {100 * v / total:.0f}%" for k, v in prof["self_cpu_ms_by_where"].items())
     out = [
-        f"[profile] One training step of ours ({MID}, rank 0 of 2, after the timed steps), torch.profiler "
-        f"CPU:",
-        f"  phases (wall): {phases}; total self CPU {total:.0f} ms",
+        f"[profile] One train_step of TorchTitan's Trainer on ours ({MID}, rank 0 of 2, the last step, after "
+        f"the timed ones),",
+        "  torch.profiler CPU:",
+        f"  phases (wall): {phases}; step {prof['step_ms']:.0f} ms; total self CPU {total:.0f} ms",
         f"  self CPU by where: {where}",
     ]
     rows = [
@@ -437,7 +564,7 @@ def section_profile(sections: dict) -> list[str]:
 def section_targets(targets: list[Target], sections: dict) -> list[str]:
     out = ["Targets"] + ["  " + t.line() for t in targets]
     misses = [t for t in targets if t.status == "MISS"]
-    prof = ((_result(sections, "training") or {}).get(f"{MID}/parallelize") or {}).get("profile")
+    prof = ((_result(sections, "training") or {}).get(f"{MID}/grouped") or {}).get("profile")
     if misses and prof:
         top = ", ".join(
             f"{op['name']} {100 * op['self_cpu_ms'] / prof['total_self_cpu_ms']:.0f}%"
@@ -476,6 +603,7 @@ def render(sections: dict, targets: list[Target], header: list[str]) -> str:
         section_c(sections),
         section_d(sections),
         section_e(sections),
+        section_f(sections),
         section_profile(sections),
         section_targets(targets, sections),
         load_notes(sections),

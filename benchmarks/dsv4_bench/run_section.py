@@ -19,6 +19,7 @@ SECTIONS = {
     "attention": "dsv4_bench.attention",  # c
     "hf": "dsv4_bench.hf_compare",  # d
     "titan": "dsv4_bench.titan_compare",  # e
+    "ep": "dsv4_bench.expert_parallel",  # f
 }
 
 

@@ -55,7 +55,7 @@ def param_counts(args) -> tuple[int, int]:
     import torch
 
     from titan_dsv4.model import DeepSeekV4Model
-    from titan_dsv4.model.args import count_params
+    from titan_dsv4.model.accounting import count_params
 
     with torch.device("meta"):
         model = DeepSeekV4Model(args.replace())
