@@ -21,24 +21,19 @@ import torch.distributed, torch.profiler
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.distributed.parallel_dims import ParallelDims
 import torchtitan.tools.utils as titan_utils
-before = {
-    "CheckpointManager.__init__": CheckpointManager.__init__, "CheckpointManager.dcp_save":
-    CheckpointManager.dcp_save,
-    "CheckpointManager._save_last_step": CheckpointManager._save_last_step,
-    "ParallelDims._validate": ParallelDims._validate, "torch.histc": torch.histc,
-    "device": torch._utils._get_available_device_type, "profiler": torch.profiler.profile,
-    "teardown": torch.distributed.destroy_process_group,
-}
+def watched():
+    return {
+        "CheckpointManager.__init__": CheckpointManager.__init__,
+        "CheckpointManager.dcp_save": CheckpointManager.dcp_save,
+        "CheckpointManager._save_last_step": CheckpointManager._save_last_step,
+        "ParallelDims._validate": ParallelDims._validate, "torch.histc": torch.histc,
+        "device": torch._utils._get_available_device_type, "profiler": torch.profiler.profile,
+        "teardown": torch.distributed.destroy_process_group,
+    }
+before = watched()
 import titan_dsv4
 import titan_dsv4.cpu
-after = {
-    "CheckpointManager.__init__": CheckpointManager.__init__, "CheckpointManager.dcp_save":
-    CheckpointManager.dcp_save,
-    "CheckpointManager._save_last_step": CheckpointManager._save_last_step,
-    "ParallelDims._validate": ParallelDims._validate, "torch.histc": torch.histc,
-    "device": torch._utils._get_available_device_type, "profiler": torch.profiler.profile,
-    "teardown": torch.distributed.destroy_process_group,
-}
+after = watched()
 print(json.dumps({"changed": sorted(k for k in before if before[k] is not after[k]),
                   "applied": list(titan_dsv4.cpu.applied()), "titan_device": titan_utils.device_type}))
 """

@@ -61,8 +61,7 @@ def check_job(job_config) -> None:
     ):
         problems.append(
             "checkpoint.last_save_in_hf needs titan_dsv4's trainer (it writes the int64 hash tables, "
-            "config.json "
-            "and the tokenizer TorchTitan's export leaves out): launch with ./run_train.sh or "
+            "config.json and the tokenizer TorchTitan's export leaves out): launch with ./run_train.sh or "
             "`python -m titan_dsv4.train` instead of `python -m torchtitan.train`"
         )
     section = getattr(job_config, "deepseek_v4", None)
@@ -72,9 +71,9 @@ def check_job(job_config) -> None:
         and not getattr(job_config, TRAINER_MARK, False)
     ):
         problems.append(
-            "deepseek_v4.indexer_warmup_steps needs titan_dsv4's trainer (it tells the model the step): "
-            "launch with "
-            "./run_train.sh or `python -m titan_dsv4.train`"
+            f"deepseek_v4.indexer_warmup_steps={section.indexer_warmup_steps} needs titan_dsv4's trainer (it "
+            "tells the model the step): launch with ./run_train.sh or `python -m titan_dsv4.train`, or set "
+            "--deepseek_v4.indexer_warmup_steps 0 (the indexer then distils from the first step, sparse)"
         )
     if section is not None and section.gpu_memory_gib < 0:
         problems.append(
