@@ -24,6 +24,9 @@ HF_LOAD = [
     "--checkpoint.enable",
     "--checkpoint.initial_load_in_hf",
     "--checkpoint.last_save_model_only",
+    # the loaded indexer is trained: sparse attention from step 1, as transformers computes it
+    "--deepseek_v4.indexer_warmup_steps",
+    "0",
 ]
 
 

@@ -74,6 +74,9 @@ def test_convert_config_names_the_flavor_and_loads_the_folder(checkpoints, tmp_p
         doc["checkpoint"]["initial_load_path"] == folder and doc["checkpoint"]["initial_load_in_hf"] is True
     )
     assert doc["training"]["dataset"] == "dsv4_corpus"  # the base config's other sections are kept
+    # the checkpoint's indexer is trained: no dense warm-up, kept fixed (the base debug config trains it)
+    assert doc["deepseek_v4"]["indexer_warmup_steps"] == 0 and doc["deepseek_v4"]["indexer_loss_weight"] == 0
+    assert doc["deepseek_v4"]["mtp_layers"] == 0  # the base config's other [deepseek_v4] keys are kept
     assert main([str(tmp_path / "nowhere")]) == 2
 
 

@@ -63,8 +63,8 @@ def flavor_for_checkpoint(folder: str) -> str:
 
 
 def checkpoint_overrides(folder: str) -> dict[str, dict]:
-    """The [model] and [checkpoint] settings that build the stored model and start training from its
-    weights."""
+    """The [model], [checkpoint] and [deepseek_v4] settings that build the stored model and start training
+    from its weights."""
     folder = os.path.abspath(folder)
     model = {"name": "deepseek_v4", "flavor": flavor_for_checkpoint(folder)}
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
@@ -75,7 +75,11 @@ def checkpoint_overrides(folder: str) -> dict[str, dict]:
         "initial_load_in_hf": True,
         "initial_load_model_only": True,
     }
-    return {"model": model, "checkpoint": checkpoint}
+    # The checkpoint's Lightning Indexer is already trained: fine-tuning keeps it fixed (as the Flash and Pro
+    # configs do); a base config's dense warm-up would otherwise replace the trained sparse attention.
+    indexer = {"indexer_loss_weight": 0.0, "indexer_warmup_steps": 0}
+    job = {"custom_config_module": "titan_dsv4.job_config"}  # the extension that adds [deepseek_v4]
+    return {"job": job, "model": model, "checkpoint": checkpoint, "deepseek_v4": indexer}
 
 
 def merged_config(base: dict | None, overrides: dict[str, dict]) -> dict:
