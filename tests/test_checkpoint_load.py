@@ -78,6 +78,8 @@ def test_convert_config_names_the_flavor_and_loads_the_folder(checkpoints, tmp_p
     assert doc["deepseek_v4"]["indexer_warmup_steps"] == 0 and doc["deepseek_v4"]["indexer_loss_weight"] == 0
     assert doc["deepseek_v4"]["mtp_layers"] == 0  # the base config's other [deepseek_v4] keys are kept
     assert main([str(tmp_path / "nowhere")]) == 2
+    bare = tomllib.loads(render(folder, None))  # without a base: the extension that adds [deepseek_v4]
+    assert bare["job"] == {"custom_config_module": "titan_dsv4.job_config"}
 
 
 def test_a_config_no_flavor_matches_gets_a_checkpoint_flavor(checkpoints, tmp_path):

@@ -34,7 +34,10 @@ def render(folder: str, base_path: str | None) -> str:
         f"heads, "
         f"{args.moe_args.num_experts} experts (top {args.moe_args.top_k}), vocab {args.vocab_size}.\n"
     )
-    return header + to_toml(merged_config(base, checkpoint_overrides(folder)))
+    doc = merged_config(base, checkpoint_overrides(folder))
+    # [deepseek_v4] needs the job-config extension; a base config's own extension module is kept
+    doc.setdefault("job", {}).setdefault("custom_config_module", "titan_dsv4.job_config")
+    return header + to_toml(doc)
 
 
 def main(argv: list[str] | None = None) -> int:

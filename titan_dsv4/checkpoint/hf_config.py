@@ -76,10 +76,9 @@ def checkpoint_overrides(folder: str) -> dict[str, dict]:
         "initial_load_model_only": True,
     }
     # The checkpoint's Lightning Indexer is already trained: fine-tuning keeps it fixed (as the Flash and Pro
-    # configs do); a base config's dense warm-up would otherwise replace the trained sparse attention.
+    # configs do) instead of re-learning it behind a base config's dense warm-up.
     indexer = {"indexer_loss_weight": 0.0, "indexer_warmup_steps": 0}
-    job = {"custom_config_module": "titan_dsv4.job_config"}  # the extension that adds [deepseek_v4]
-    return {"job": job, "model": model, "checkpoint": checkpoint, "deepseek_v4": indexer}
+    return {"model": model, "checkpoint": checkpoint, "deepseek_v4": indexer}
 
 
 def merged_config(base: dict | None, overrides: dict[str, dict]) -> dict:
