@@ -18,14 +18,15 @@ import json
 import os
 from collections import defaultdict
 
-import torch  # noqa: E402
-from torchtitan.config import ConfigManager, JobConfig  # noqa: E402
-from torchtitan.distributed import ParallelDims  # noqa: E402
-from torchtitan.distributed.utils import init_fake_mode  # noqa: E402
-from torchtitan.protocols.train_spec import get_train_spec  # noqa: E402
+import torch
+from torchtitan.config import ConfigManager, JobConfig
+from torchtitan.distributed import ParallelDims
+from torchtitan.distributed.utils import init_fake_mode
+from torchtitan.protocols.train_spec import get_train_spec
 
-import titan_dsv4  # noqa: F401  (CPU support + train spec, before torchtitan)
-from titan_dsv4.infra.planning import (  # noqa: E402
+import titan_dsv4  # noqa: F401  (registers the deepseek_v4 train spec)
+from titan_dsv4.cpu import apply_cpu_support
+from titan_dsv4.infra.planning import (
     DRY_RUN_GPU_MEMORY_GIB,
     GIB,
     Layout,
@@ -36,8 +37,9 @@ from titan_dsv4.infra.planning import (  # noqa: E402
     format_memory,
     format_traffic,
 )
-from titan_dsv4.infra.unit_plan import fsdp_units  # noqa: E402
-from titan_dsv4.job_config import check_parallel_degrees  # noqa: E402
+from titan_dsv4.infra.unit_plan import fsdp_units
+from titan_dsv4.job_config import check_parallel_degrees
+from titan_dsv4.refusals import refusals_exit, shut_down_process_groups
 
 
 def build_plan(job: JobConfig, world_size: int) -> dict:
@@ -194,17 +196,19 @@ def format_memory_plan(memory: dict) -> list[str]:
 
 
 def main() -> None:
+    apply_cpu_support()  # the fake backend's meshes live on the CPU when there is no GPU
     job = ConfigManager().parse_args()
     world_size = int(os.environ.get("NGPU", "8"))
     init_fake_mode(world_size, "fake_backend")
-    plan = build_plan(job, world_size)
+    with refusals_exit():
+        plan = build_plan(job, world_size)
     print(format_plan(plan), flush=True)
     out = os.path.join(job.job.dump_folder, f"unit_plan_{job.model.flavor}_{world_size}.json")
     os.makedirs(job.job.dump_folder, exist_ok=True)
     with open(out, "w") as f:
         json.dump(plan, f, indent=2)
     print(f"  written to {out}")
-    torch.distributed.destroy_process_group()
+    shut_down_process_groups()
 
 
 if __name__ == "__main__":
