@@ -75,6 +75,7 @@ def check_job(job_config, trainer_completes_hf_export: bool = False) -> None:
             f"deepseek_v4.gpu_memory_gib={section.gpu_memory_gib} must be >= 0 (0: the device's own)"
         )
     problems += _model_problems(job_config, section)
+    problems += _tokenizer_problems(job_config.model.hf_assets_path)
     if problems:
         raise ConfigError("Invalid job config:\n  - " + "\n  - ".join(problems))
 
@@ -106,6 +107,16 @@ def _model_problems(job_config, section) -> list[str]:
             f"same number of experts. Pick a divisor of {experts}."
         ]
     return []
+
+
+def _tokenizer_problems(hf_assets_path: str | None) -> list[str]:
+    """Titan's HF tokenizer reads tokenizer.json from ``model.hf_assets_path``."""
+    if hf_assets_path and os.path.isfile(os.path.join(hf_assets_path, "tokenizer.json")):
+        return []
+    return [
+        f"model.hf_assets_path={hf_assets_path!r} holds no tokenizer.json: point --model.hf_assets_path at a "
+        "folder with one (a released checkpoint folder, or ./titan_dsv4/assets/tokenizer, the debug model's)"
+    ]
 
 
 def check_tokenizer_fits(tokenizer, job_config) -> None:
