@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import titan_dsv4  # noqa: F401  (CPU support before torchtitan)
 from titan_dsv4.model.args import CSA, FP32_COMPUTE_PARTS
+from titan_dsv4.model.hf_config import args_from_hf_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -235,9 +236,8 @@ def load_reference(folder: Path):
 
     from titan_dsv4.checkpoint.adapter import DeepSeekV4CheckpointAdapter
     from titan_dsv4.model import DeepSeekV4Model
-    from titan_dsv4.model.args import DeepSeekV4ModelArgs
 
-    args = DeepSeekV4ModelArgs.from_hf_config(str(folder)).replace(max_seq_len=SEQ_LEN, fp32_compute=())
+    args = args_from_hf_config(str(folder)).replace(max_seq_len=SEQ_LEN, fp32_compute=[])
     model = DeepSeekV4Model(args)
     adapter = DeepSeekV4CheckpointAdapter(args, None)
     hf_state = adapter.to_hf(model.state_dict())

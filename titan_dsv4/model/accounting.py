@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .args import DeepSeekV4ModelArgs
+if TYPE_CHECKING:  # args imports this module for Titan's get_nparams_and_flops
+    from .args import DeepSeekV4ModelArgs
 
 MTP_PREFIX = "mtp."
 
