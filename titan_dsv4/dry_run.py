@@ -70,7 +70,7 @@ def build_plan(job: JobConfig, world_size: int) -> dict:
 
 def dry_run_device(job: JobConfig) -> tuple[int, str]:
     """The device the plan must fit: ``--deepseek_v4.gpu_memory_gib``, else an 80 GB GPU."""
-    gib = getattr(getattr(job, "deepseek_v4", None), "gpu_memory_gib", 0.0) or 0.0
+    gib = job.deepseek_v4.gpu_memory_gib
     if gib > 0:
         return int(gib * GIB), "--deepseek_v4.gpu_memory_gib"
     return int(DRY_RUN_GPU_MEMORY_GIB * GIB), "the dry run's default; set --deepseek_v4.gpu_memory_gib"

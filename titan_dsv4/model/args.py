@@ -21,6 +21,8 @@ SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily
 HASH_MOE, MOE = "hash_moe", "moe"
 ROPE_TYPES = ("default", "yarn")
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid")
+# transformers' max_position_embeddings default (YaRN tables without an original length fall back to it)
+HF_MAX_POSITION_EMBEDDINGS = 1048576
 
 __all__ = ["ATTN_IMPLS", "ATTN_MASK_TYPES", "FP32_COMPUTE_PARTS", "ConfigError", "DeepSeekV4ModelArgs"]
 
