@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from sharded import sample
+
+from tests.helpers.sharded import sample
 
 SEQ = 256  # 64 CSA entries per query at the end, against index_topk 16: the indexer really selects
 
@@ -130,8 +132,7 @@ def test_during_the_dense_warm_up_only_the_indexer_learns(debug_args):
 
 
 def _fsdp_kl_step(rank, world_size):
-    from sharded import dims, full_grads, job, parallelized_copy, reference_model
-
+    from tests.helpers.sharded import dims, full_grads, job, parallelized_copy, reference_model
     from titan_dsv4.flavors import deepseek_v4_args
     from titan_dsv4.infra.loss import deepseek_v4_loss
     from titan_dsv4.infra.unit_plan import fsdp_units
@@ -155,8 +156,9 @@ def _fsdp_kl_step(rank, world_size):
     return out
 
 
+@pytest.mark.slow
 def test_under_fsdp_the_indexer_islands_get_the_single_process_gradients():
-    from distributed import run_on_ranks
+    from titan_dsv4.multiprocess import run_on_ranks
 
     out = run_on_ranks(_fsdp_kl_step, 2)[0]
     for name in (

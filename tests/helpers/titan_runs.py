@@ -8,8 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
 LOSS = re.compile(r"\[rank(\d)\].*step:\s+(\d+)\s+loss:\s+([0-9.]+)")
 READ = re.compile(r"\[rank(\d)\].*Read ([0-9.]+) MiB of the checkpoint's ([0-9.]+) MiB on this rank")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -39,11 +38,10 @@ def run_train(args: list[str], timeout: float = 300, **env: str) -> tuple[int, s
 
 
 def run_with_fault(args: list[str], fault: str, mark: Path, timeout: float = 300) -> tuple[int, str]:
-    """The same launch through tests/fault_injection_train.py, with rank 1 killed (or stopped) at
+    """The same launch through tests/helpers/fault_injection_train.py, with rank 1 killed (or stopped) at
     ``fault``."""
     env = {
-        "TRAIN_FILE": "fault_injection_train",
-        "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "TRAIN_FILE": "tests.helpers.fault_injection_train",  # run_train.sh runs it from the repository root
         "DSV4_KILL_RANK": "1",
         "DSV4_KILL_AT": fault,
         "DSV4_KILL_MARK": str(mark),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-from parity_cases import BASE, CASES, YARN
 
+from tests.helpers.parity_cases import BASE, CASES, YARN
 from titan_dsv4.flavors import deepseek_v4_args
 from titan_dsv4.model import ConfigError, DeepSeekV4ModelArgs
 from titan_dsv4.model.args import RopeTable

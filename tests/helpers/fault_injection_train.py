@@ -1,4 +1,5 @@
-"""Train entry for the fault tests (``TRAIN_FILE=fault_injection_train``, with tests/ on PYTHONPATH).
+"""Train entry for the fault tests (``TRAIN_FILE=tests.helpers.fault_injection_train``; run_train.sh runs it
+from the repository root).
 
 It is ``titan_dsv4.train`` (our Trainer) plus one injected interruption, chosen by environment variables:
   * ``DSV4_KILL_AT=stop:N``: every rank stops cleanly after step N (the schedule still says training.steps);
@@ -17,11 +18,12 @@ import os
 import signal
 import time
 
-from torch.distributed.checkpoint.filesystem import FileSystemWriter  # noqa: E402
-from torchtitan.train import main  # noqa: E402
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
+from torchtitan.train import main
 
-import titan_dsv4  # noqa: F401  (CPU support + train spec registration, before torchtitan)
-from titan_dsv4.trainer import DeepSeekV4Trainer as Trainer  # noqa: E402
+import titan_dsv4  # noqa: F401  (registers the deepseek_v4 train spec)
+from titan_dsv4.cpu import apply_cpu_support
+from titan_dsv4.trainer import DeepSeekV4Trainer as Trainer
 
 
 def _die() -> None:
@@ -64,6 +66,7 @@ def _kill_mid_save(step: int) -> None:
 
 
 if __name__ == "__main__":
+    apply_cpu_support()  # as titan_dsv4.train: Titan's device is the CPU where there is no accelerator
     kind, _, at = os.environ.get("DSV4_KILL_AT", "").partition(":")
     if kind == "stop":
         _stop_after(int(at))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-from distributed import run_on_ranks
-from sharded import dims as _dims
-from sharded import full_grads, job, parallelized_copy, reference_model, sample
+
+from tests.helpers.sharded import dims as _dims
+from tests.helpers.sharded import full_grads, job, parallelized_copy, reference_model, sample
+from titan_dsv4.multiprocess import run_on_ranks
 
 
 def _meta_model(**changes):
@@ -40,6 +42,7 @@ def _group_answers(rank, world_size, degrees):
     return {"groups": answers, "log": [r for r in records if "HCA graph alignment disabled" in r]}
 
 
+@pytest.mark.slow
 def test_pure_fsdp_binds_the_fsdp_group_to_hca_only():
     out = run_on_ranks(_group_answers, 2, {"dp_shard": 2})[0]
     assert out["groups"] == {
@@ -49,12 +52,14 @@ def test_pure_fsdp_binds_the_fsdp_group_to_hca_only():
     }
 
 
+@pytest.mark.slow
 def test_hsdp_disables_alignment_with_one_log_line():
     out = run_on_ranks(_group_answers, 4, {"dp_replicate": 2, "dp_shard": 2})[0]
     assert out["groups"]["layers.2.self_attn.compressor"] is None
     assert len(out["log"]) == 1 and "('dp_replicate', 'fsdp') is 2-D" in out["log"][0]
 
 
+@pytest.mark.slow
 def test_tensor_parallel_is_refused_before_any_change():
     out = run_on_ranks(_group_answers, 4, {"dp_shard": 2, "tp": 2})[0]
     assert "tensor_parallel_degree=2" in out["refused"]
@@ -108,12 +113,14 @@ def _assert_grads_match(out):
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_short_and_long_rank_gradients_equal_single_process():
     out = run_on_ranks(_aligned_step, 2, (64, 256))[0]
     _assert_grads_match(out)
     assert out["grads"]["layers.2.self_attn.compressor.wkv.weight"].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_both_ranks_with_windows_match_single_process():
     _assert_grads_match(run_on_ranks(_aligned_step, 2, (200, 300))[0])
 
@@ -123,6 +130,7 @@ def _all_short(rank, world_size):
     return {n: g is None for n, g in out["grads"].items() if n.startswith("layers.2.self_attn.compressor.")}
 
 
+@pytest.mark.slow
 def test_all_ranks_short_skip_the_hca_path_everywhere():
     for per_rank in run_on_ranks(_all_short, 2):
         assert per_rank and all(per_rank.values())
@@ -154,6 +162,7 @@ def _count_all_reduces(rank, world_size, n_hca_layers):
     return len(calls)
 
 
+@pytest.mark.slow
 def test_agreement_costs_one_all_reduce_per_forward_whatever_the_hca_layer_count():
     assert run_on_ranks(_count_all_reduces, 2, 1) == [1, 1]
     assert run_on_ranks(_count_all_reduces, 2, 3) == [1, 1]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from titan_runs import RESUMABLE, losses, run_train, run_with_fault
+
+from tests.helpers.titan_runs import RESUMABLE, losses, run_train, run_with_fault
 
 EXIT_BOUND_S = 60  # a killed rank must bring the whole job down within this (measured: about 1 s)
 
@@ -92,6 +93,7 @@ def _resume_matches(dump: Path, straight, tmp: Path) -> str:
     return log
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_everything_a_resume_needs(straight):
     _, _, state = straight
     assert {"optimizer", "lr_scheduler", "dataloader", "train_state"} <= set(state)
@@ -116,6 +118,7 @@ def test_checkpoint_holds_everything_a_resume_needs(straight):
     assert set(state["dataloader"]) == {"dp_rank_0", "dp_rank_1", "world_size"}
 
 
+@pytest.mark.slow
 def test_stop_after_5_steps_then_resume_is_bit_exact(straight, tmp_path):
     rc, log = run_with_fault([*RESUMABLE, "--job.dump_folder", str(tmp_path)], "stop:5", tmp_path / "mark")
     assert rc == 0, log[-4000:]
@@ -125,6 +128,7 @@ def test_stop_after_5_steps_then_resume_is_bit_exact(straight, tmp_path):
     _resume_matches(tmp_path, straight, tmp_path)
 
 
+@pytest.mark.slow
 def test_rank_killed_while_saving_leaves_a_half_written_folder_that_is_never_loaded(straight, tmp_path):
     mark = tmp_path / "killed_at"
     rc, log = run_with_fault([*RESUMABLE, "--job.dump_folder", str(tmp_path)], "save:10", mark)
@@ -141,6 +145,7 @@ def test_rank_killed_while_saving_leaves_a_half_written_folder_that_is_never_loa
     )
 
 
+@pytest.mark.slow
 def test_rank_killed_mid_step_ends_the_job_within_the_bound(straight, tmp_path):
     mark = tmp_path / "killed_at"
     rc, log = run_with_fault([*RESUMABLE, "--job.dump_folder", str(tmp_path)], "step:7", mark)
@@ -152,6 +157,7 @@ def test_rank_killed_mid_step_ends_the_job_within_the_bound(straight, tmp_path):
     assert (tmp_path / "checkpoint" / "step-5" / ".metadata").exists()
 
 
+@pytest.mark.slow
 def test_bad_degrees_on_a_folder_with_checkpoints_stop_before_anything_is_written(straight):
     dump = straight[0]
     before = {step: _digest(dump / "checkpoint" / step) for step in ("step-5", "step-10")}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from distributed import run_on_ranks
+
+from titan_dsv4.multiprocess import run_on_ranks
 
 
 def build_parallelized(
@@ -120,6 +122,7 @@ def _check_unit_rules(report):
     return by_kind
 
 
+@pytest.mark.slow
 def test_grouped_islands_default_two_fp32_units_per_block():
     report = run_on_ranks(_unit_report, 2, "bfloat16", True)[0]
     by_kind = _check_unit_rules(report)
@@ -130,6 +133,7 @@ def test_grouped_islands_default_two_fp32_units_per_block():
     assert len(by_kind["root"]) == 1
 
 
+@pytest.mark.slow
 def test_per_island_baseline_one_unit_per_island():
     report = run_on_ranks(_unit_report, 2, "bfloat16", True, False)[0]
     by_kind = _check_unit_rules(report)
@@ -145,6 +149,7 @@ def _fp32_report(rank, world_size):
     return fsdp_units(build_parallelized(world_size, "float32"))
 
 
+@pytest.mark.slow
 def test_fp32_job_policy_needs_no_islands():
     units = run_on_ranks(_fp32_report, 2)[0]
     assert sorted(u.kind for u in units) == ["block"] * 4 + ["root"]

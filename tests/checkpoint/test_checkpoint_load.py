@@ -8,8 +8,9 @@ import tomllib
 
 import pytest
 import torch
-from checkpoint_fixtures import debug_args, load_through_adapter, make_checkpoints
-from titan_runs import ROOT
+
+from tests.helpers.checkpoint_fixtures import debug_args, load_through_adapter, make_checkpoints
+from tests.helpers.titan_runs import ROOT
 
 TOL = 1e-4
 

@@ -1,6 +1,6 @@
 """Peak memory per rank while Titan loads a Hugging Face checkpoint, against the checkpoint's size.
 
-    python tests/checkpoint_load_memory.py [--root DIR] [--dim 1024] [--experts 32] [--layers 4]
+    python -m tests.helpers.checkpoint_load_memory [--root DIR] [--dim 1024] [--experts 32] [--layers 4]
 
 Writes a random DeepSeek-V4 checkpoint (transformers names, fp32) and its released FP8/FP4 twin, then on
 2 CPU ranks over gloo builds the model on the meta device, shards it with FSDP2 (fp32), materialises it,
@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def _status_kib(field: str) -> int:
@@ -37,7 +34,7 @@ def _reset_peak_rss() -> None:
 
 
 def model_args(dim: int, experts: int, layers: int):
-    from checkpoint_fixtures import debug_args
+    from tests.helpers.checkpoint_fixtures import debug_args
 
     args = debug_args().replace(
         dim=dim,
@@ -52,9 +49,9 @@ def model_args(dim: int, experts: int, layers: int):
 
 def write_checkpoints(root: str, args) -> dict[str, str]:
     """transformers-named fp32 shards, and the released FP8/FP4 twin (random values, valid formats)."""
-    from checkpoint_fixtures import quantize_released, released_tensors, write_shards
     from safetensors.torch import save_file
 
+    from tests.helpers.checkpoint_fixtures import quantize_released, released_tensors, write_shards
     from titan_dsv4.checkpoint.adapter import DeepSeekV4CheckpointAdapter
     from titan_dsv4.model import DeepSeekV4Model
 
@@ -143,8 +140,10 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--layers", type=int, default=4)
     ns = parser.parse_args()
-    import titan_dsv4  # noqa: F401
+    from titan_dsv4.cpu import apply_cpu_support
     from titan_dsv4.multiprocess import run_on_ranks
+
+    apply_cpu_support()
 
     args = model_args(ns.dim, ns.experts, ns.layers)
     with tempfile.TemporaryDirectory(dir=ns.root) as root:

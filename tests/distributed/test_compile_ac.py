@@ -5,8 +5,10 @@ The model carries an MTP depth, so AC and compile are exercised on it as on the 
 
 from __future__ import annotations
 
+import pytest
 import torch
-from distributed import run_on_ranks
+
+from titan_dsv4.multiprocess import run_on_ranks
 
 
 def _step(rank, world_size, ac_mode, compile_enabled):
@@ -59,6 +61,7 @@ def _island_rules_hold(units):
             assert not u.reshard_after_forward, u
 
 
+@pytest.mark.slow
 def test_full_ac_and_compile_keep_numerics_and_islands():
     eager = run_on_ranks(_step, 2, "none", False)[0]
     full_ac = run_on_ranks(_step, 2, "full", False)[0]
@@ -76,10 +79,10 @@ def test_full_ac_and_compile_keep_numerics_and_islands():
 
 def _twice(rank, world_size):
     import torch.distributed as dist
-    from sharded import dims, job
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
     from torchtitan.distributed.utils import init_fake_mode
 
+    from tests.helpers.sharded import dims, job
     from titan_dsv4.flavors import deepseek_v4_args
     from titan_dsv4.infra.parallelize import UnsupportedParallelismError, parallelize_deepseek_v4
     from titan_dsv4.infra.unit_plan import fsdp_units
@@ -113,6 +116,7 @@ def _twice(rank, world_size):
     }
 
 
+@pytest.mark.slow
 def test_parallelize_twice_with_ac_and_compile_changes_nothing():
     out = run_on_ranks(_twice, 1, backend=None)[0]
     assert out["same"] and out["wrapped_once"] and out["compiled_once"]

@@ -19,8 +19,9 @@ import math
 import os
 
 import torch
-from hf_reference import build_hf_model
 from safetensors.torch import save_file
+
+from tests.helpers.hf_reference import build_hf_model
 
 _GLOBAL = {
     "model.embed_tokens.weight": "embed.weight",

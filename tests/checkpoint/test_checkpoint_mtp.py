@@ -9,7 +9,9 @@ import logging
 
 import pytest
 import torch
-from checkpoint_fixtures import (
+from safetensors import safe_open
+
+from tests.helpers.checkpoint_fixtures import (
     debug_args,
     debug_hf_model,
     legacy_config,
@@ -19,8 +21,7 @@ from checkpoint_fixtures import (
     released_tensors,
     write_shards,
 )
-from safetensors import safe_open
-from titan_runs import losses, run_train
+from tests.helpers.titan_runs import losses, run_train
 
 # Released name -> our parameter name (independent of the package's maps, from the spec's section 7.2).
 OURS = {
@@ -91,6 +92,7 @@ def test_more_depths_than_the_checkpoint_are_refused_by_name(folders):
         load_through_adapter(folders["with"], debug_args().replace(max_seq_len=256, mtp_layers=2))
 
 
+@pytest.mark.slow
 def test_loads_trains_5_steps_on_2_ranks_and_exports_the_trained_depth(folders, tmp_path):
     """Two identical seeded runs from the folder: one exports in HF, one saves DCP; the export's mtp.0.*
     (released names) equal the trained model's MTP weights."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-from distributed import run_on_ranks
-from sharded import dims, full_grads, job, parallelized_copy, reference_model, sample
+
+from tests.helpers.sharded import dims, full_grads, job, parallelized_copy, reference_model, sample
+from titan_dsv4.multiprocess import run_on_ranks
 
 SEQ = 256
 
@@ -37,6 +39,7 @@ def _fsdp_step(rank, world_size, mixed):
     return result
 
 
+@pytest.mark.slow
 def test_two_rank_fsdp_step_matches_single_process():
     out = run_on_ranks(_fsdp_step, 2, "float32")[0]
     torch.testing.assert_close(out["loss"], out["ref_loss"], rtol=0, atol=1e-5)
@@ -46,6 +49,7 @@ def test_two_rank_fsdp_step_matches_single_process():
         torch.testing.assert_close(g, out["ref_grads"][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_two_rank_bf16_islands_stay_close_to_fp32_reference():
     """bf16 blocks with fp32 islands: same loss to bf16 accuracy; island grads stay fp32-accurate-ish."""
     out = run_on_ranks(_fsdp_step, 2, "bfloat16")[0]

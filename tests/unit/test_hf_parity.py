@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_reference import build_hf_model, build_ours
-from parity_cases import CASES, transformers_default_case
 
+from tests.helpers.hf_reference import build_hf_model, build_ours
+from tests.helpers.parity_cases import CASES, transformers_default_case
 from titan_dsv4.model.layers import inv_freq
 
 TOL = 1e-4

@@ -177,7 +177,7 @@ def test_fp32_compute_from_the_command_line(debug_args, flag, expected):
 
     from titan_dsv4.model.args import apply_options
 
-    config = Path(__file__).parents[1] / "train_configs" / "debug_model.toml"
+    config = Path(__file__).parents[2] / "train_configs" / "debug_model.toml"
     job = ConfigManager().parse_args(["--job.config_file", str(config), *flag])
     apply_options(debug_args, job.deepseek_v4)
     assert debug_args.fp32_compute == expected

@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from checkpoint_fixtures import debug_args, load_through_adapter, make_checkpoints
-from titan_runs import ROOT, bytes_read, first_global_batch, losses, run_train
+
+from tests.helpers.checkpoint_fixtures import debug_args, load_through_adapter, make_checkpoints
+from tests.helpers.titan_runs import ROOT, bytes_read, first_global_batch, losses, run_train
 
 TOL = 1e-4
 HF_LOAD = [
@@ -60,6 +61,7 @@ def _assert_each_rank_read_its_half(log: str) -> None:
         assert 0.3 * total < mine < 0.6 * total, read  # FSDP shards: about half each, never the whole
 
 
+@pytest.mark.slow
 def test_save_pretrained_folder_trains_and_exports_a_folder_transformers_loads(checkpoints, batch, tmp_path):
     from transformers import DeepseekV4ForCausalLM
 
@@ -102,6 +104,7 @@ def _our_model_from(folder: str):
     return load_through_adapter(folder, args)
 
 
+@pytest.mark.slow
 def test_released_folder_loads_through_the_generated_toml(checkpoints, batch, tmp_path):
     from titan_dsv4.checkpoint.convert_config import render
 
@@ -116,6 +119,7 @@ def test_released_folder_loads_through_the_generated_toml(checkpoints, batch, tm
     _assert_each_rank_read_its_half(log)
 
 
+@pytest.mark.slow
 def test_fp8_fp4_released_folder_is_dequantized_on_load(checkpoints, batch, tmp_path):
     rc, log = run_train(
         [
@@ -131,6 +135,7 @@ def test_fp8_fp4_released_folder_is_dequantized_on_load(checkpoints, batch, tmp_
     _assert_first_step_matches(log, _transformers_loss(checkpoints["quantized_reference"], batch))
 
 
+@pytest.mark.slow
 def test_released_folder_as_hf_assets_path_exports_in_its_shards(checkpoints, batch, tmp_path):
     """Titan's other route: weights (and tokenizer) from --model.hf_assets_path; the export keeps its 2
     shards."""

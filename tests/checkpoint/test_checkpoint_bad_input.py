@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_fixtures import debug_args, debug_hf_model
 from safetensors.torch import load_file, save_file
-from titan_runs import losses, run_train
 
+from tests.helpers.checkpoint_fixtures import debug_args, debug_hf_model
+from tests.helpers.titan_runs import losses, run_train
 from titan_dsv4.checkpoint.files import CheckpointError
 from titan_dsv4.checkpoint.validation import CheckpointMismatchError
 from titan_dsv4.model import ConfigError
@@ -235,6 +235,7 @@ def test_shard_named_by_the_index_but_absent(good, tmp_path):
         _check(folder)
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_stops_the_run_before_training_and_writes_nothing(good, tmp_path):
     folder = _copy(good, tmp_path)
     shard = folder / "model.safetensors"

@@ -5,14 +5,17 @@ from __future__ import annotations
 import re
 import sys
 
-from titan_runs import losses as _losses
-from titan_runs import run_command
+import pytest
+
+from tests.helpers.titan_runs import losses as _losses
+from tests.helpers.titan_runs import run_command
 
 
 def _run(cmd: list[str], timeout: float = 420) -> tuple[int, str]:
     return run_command(cmd, timeout)
 
 
+@pytest.mark.slow
 def test_run_train_default_config_trains_on_two_cpu_ranks(tmp_path):
     rc, log = _run(
         [
@@ -49,6 +52,7 @@ def _stock_entry(ranks: int, *flags: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_stock_torchtitan_entry_with_custom_import(tmp_path):
     # the debug config's indexer warm-up needs our Trainer (test_stock_entry_refuses_...): off here
     flags = [
@@ -64,6 +68,7 @@ def test_stock_torchtitan_entry_with_custom_import(tmp_path):
     assert sorted(_losses(log, 1)) == [1, 2]
 
 
+@pytest.mark.slow
 def test_unknown_flavor_fails_before_training(tmp_path):
     rc, log = _run(
         [
@@ -89,6 +94,7 @@ def test_launcher_rejects_unknown_model_and_missing_config():
     assert rc == 2 and "config file 'nope.toml' not found" in log
 
 
+@pytest.mark.slow
 def test_every_v4_option_trains_together_on_two_ranks(tmp_path):
     """MTP, indexer distillation with a dense warm-up, packed documents, expert parallelism and gradient
     accumulation, 6 steps."""
@@ -123,6 +129,7 @@ def test_every_v4_option_trains_together_on_two_ranks(tmp_path):
     assert len(line.findall(log)) == 12, log[-3000:]  # on every step's console line, on both ranks
 
 
+@pytest.mark.slow
 def test_stock_entry_refuses_what_only_our_trainer_serves(tmp_path):
     rc, log = _run(
         _stock_entry(

@@ -11,8 +11,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import run_on_ranks
-from sharded import dims, full_grads, job, parallelized_copy, reference_model, sample
+
+from tests.helpers.sharded import dims, full_grads, job, parallelized_copy, reference_model, sample
+from titan_dsv4.multiprocess import run_on_ranks
 
 SEQ = 96
 
@@ -121,6 +122,7 @@ def _mtp_step(rank, world_size):
     return out
 
 
+@pytest.mark.slow
 def test_mtp_is_its_own_fsdp_unit_and_trains_under_ep_and_ac():
     out = run_on_ranks(_mtp_step, 2)[0]
     mtp_grads = [n for n, g in out["grads"].items() if n.startswith("mtp.") and g is not None]

@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 import torch
-from checkpoint_fixtures import make_checkpoints
-from test_checkpoint_hf_e2e import (
+
+from tests.checkpoint.test_checkpoint_hf_e2e import (
     HF_LOAD,
     TOL,
     _assert_each_rank_read_its_half,
@@ -19,12 +19,14 @@ from test_checkpoint_hf_e2e import (
     _our_model_from,
     _transformers_loss,
 )
-from test_checkpoint_resume import _checkpoint, _differences
-from titan_runs import RESUMABLE, first_global_batch, losses, run_train, run_with_fault
+from tests.checkpoint.test_checkpoint_resume import _checkpoint, _differences
+from tests.helpers.checkpoint_fixtures import make_checkpoints
+from tests.helpers.titan_runs import RESUMABLE, first_global_batch, losses, run_train, run_with_fault
 
 EP2 = ["--parallelism.expert_parallel_degree", "2"]
 
 
+@pytest.mark.slow
 def test_hf_load_and_export_at_ep_2(tmp_path):
     from transformers import DeepseekV4ForCausalLM
 
@@ -77,6 +79,7 @@ def straight(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_ep_2_trains_as_ep_1(straight):
     """fp32, same seed and data: EP 2's losses are EP 1's (the experts' per-rank gradients sum as FSDP's)."""
     ep1, ep2 = straight["ep1"][1], straight["ep2"][1]
@@ -84,6 +87,7 @@ def test_ep_2_trains_as_ep_1(straight):
     assert max(abs(ep1[s] - ep2[s]) for s in ep1) <= 1e-5, (ep1, ep2)
 
 
+@pytest.mark.slow
 def test_resume_at_ep_2_is_bit_exact(straight, tmp_path):
     dump, ref = straight["ep2"]
     args = [
@@ -106,6 +110,7 @@ def test_resume_at_ep_2_is_bit_exact(straight, tmp_path):
     assert not _differences(resumed, reference), _differences(resumed, reference)[:10]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saved, resumed", [("ep1", "ep2"), ("ep2", "ep1")])
 def test_dcp_checkpoints_move_between_ep_1_and_ep_2(straight, tmp_path, saved, resumed):
     source, ref = straight[saved]

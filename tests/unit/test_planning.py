@@ -8,13 +8,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from distributed import run_on_ranks
 
 from titan_dsv4.infra import planning
 from titan_dsv4.infra.planning import GIB, Layout, Training
 from titan_dsv4.model.args import ConfigError
+from titan_dsv4.multiprocess import run_on_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAYOUTS = [  # (config, world, ep, dp_replicate): with and without EP, HSDP, padding, experts sharded on dim 1
     ("deepseek_v4_flash.toml", 128, 8, 1),
     ("deepseek_v4_flash.toml", 128, 1, 1),
@@ -59,6 +59,7 @@ def _built_and_analytic(rank, world_size):
     return memory
 
 
+@pytest.mark.slow
 def test_analytic_estimate_matches_the_built_unit_plan():
     """The trainer's check (shapes only) and the dry run's parallelized meta model give the same figures,
     FSDP2's padding included (they agree exactly; 0.1% is the rounding of the GiB figures)."""
@@ -142,6 +143,7 @@ def _measured_saved_activations(rank, world_size, cases):
     return results
 
 
+@pytest.mark.slow
 def test_activation_model_matches_saved_tensors_on_the_debug_model():
     """Measured ratios (MTP included; fp32_compute the default pair unless named): bf16 1.000 at (2, 512) and
     1.006 at (1, 1024); fp32 1.012; bf16 with no part, router and experts, or all four: 1.0005.

@@ -12,8 +12,9 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import run_on_ranks
-from sharded import dims, full_grads, job, parallelized_copy, reference_model, sample
+
+from tests.helpers.sharded import dims, full_grads, job, parallelized_copy, reference_model, sample
+from titan_dsv4.multiprocess import run_on_ranks
 
 SEQ = 256
 
@@ -129,14 +130,17 @@ def _unit_rules_hold(units):
     assert not any(u.reshard_after_forward for u in by_kind["holder"])
 
 
+@pytest.mark.slow
 def test_dp_shard_2_ep_2():
     _check(run_on_ranks(_ep_step, 2, dict(dp_shard=2, ep=2))[0], ep_local_experts=4, hca_group=2)
 
 
+@pytest.mark.slow
 def test_dp_shard_4_ep_2():
     _check(run_on_ranks(_ep_step, 4, dict(dp_shard=4, ep=2), timeout=400)[0], ep_local_experts=4, hca_group=4)
 
 
+@pytest.mark.slow
 def test_hsdp_2x2_ep_2_disables_hca_alignment():
     _check(
         run_on_ranks(_ep_step, 4, dict(dp_replicate=2, dp_shard=2, ep=2), timeout=400)[0],
