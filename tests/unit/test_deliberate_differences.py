@@ -40,9 +40,23 @@ def test_hash_table_for_training_from_scratch_routes_to_distinct_experts(debug_a
 
 def test_fp32_islands_keep_lm_head_and_compressor_projections_in_fp32(debug_args):
     """transformers keeps mHC, sinks, ape and norms fp32 in bf16; we also keep lm_head and the compressor and
-    indexer projections fp32 (NeMo's islands), and norms compute in the block's dtype."""
-    from titan_dsv4.infra.fsdp_units import FP32_ISLAND_SUFFIXES
+    indexer projections fp32 (NeMo's islands), and norms compute in the block's dtype.
 
-    assert {"lm_head", "self_attn.compressor.wkv", "self_attn.compressor.indexer.wgate"} <= set(
-        FP32_ISLAND_SUFFIXES
-    )
+    Checked on the debug model's own modules, by the rule FSDP sharding applies (``fp32_islands``): each
+    island becomes an fp32 unit, everything else computes in the job's dtype."""
+    from titan_dsv4.infra.fsdp_units import fp32_islands
+    from titan_dsv4.model import DeepSeekV4Model
+
+    with torch.device("meta"):
+        model = DeepSeekV4Model(debug_args)
+    islands = {id(m) for m in fp32_islands(model)}
+    names = {name for name, m in model.named_modules() if id(m) in islands}
+    compressors = [n for n, _ in model.named_modules() if n.endswith("self_attn.compressor")]
+    indexers = [n for n, _ in model.named_modules() if n.endswith("self_attn.compressor.indexer")]
+    assert compressors and indexers  # the debug model has CSA (with indexer) and HCA layers
+    expected = {"lm_head"}
+    expected |= {f"{c}.{p}" for c in compressors for p in ("wkv", "wgate")}
+    expected |= {f"{i}.{p}" for i in indexers for p in ("wkv", "wgate")}
+    assert expected <= names, sorted(expected - names)
+    norms = [n for n, m in model.named_modules() if type(m).__name__.lower().endswith("norm")]
+    assert norms and not names & set(norms), sorted(names & set(norms))

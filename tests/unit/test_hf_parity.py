@@ -7,8 +7,6 @@ transformers' inverse frequencies bit for bit. The base case also checks loss an
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +16,6 @@ from tests.helpers.parity_cases import CASES, transformers_default_case
 from titan_dsv4.model.layers import inv_freq
 
 TOL = 1e-4
-_RUNTIME: dict[str, float] = {}
 
 
 def _tokens(case, vocab: int) -> torch.Tensor:
@@ -28,7 +25,6 @@ def _tokens(case, vocab: int) -> torch.Tensor:
 def _check_case(case) -> None:
     from titan_dsv4.model import DeepSeekV4ModelArgs
 
-    start = time.perf_counter()
     config = case.config()
     hf = build_hf_model(config)
     args = DeepSeekV4ModelArgs.from_hf_config(config)  # the raw dict transformers was given
@@ -46,7 +42,6 @@ def _check_case(case) -> None:
             ours = build_ours(args, hf, case.seq_len, kernel)
             diff = (ours(tokens) - reference).abs().max().item()
             assert diff <= TOL, f"{case.name} [{kernel}]: max |dlogit| {diff:.2e}"
-    _RUNTIME[case.name] = time.perf_counter() - start
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -62,11 +57,6 @@ def test_transformers_default_config_matches():
     from titan_dsv4.model import DeepSeekV4ModelArgs
 
     assert DeepSeekV4ModelArgs.from_hf_config(case.config()).compress_rope.rope_type == "default"
-
-
-def test_matrix_runtime_report():
-    """Not a timing assertion: prints the matrix size and runtime for the closing note (-s to see it)."""
-    print(f"\nparity matrix: {len(_RUNTIME)} cases x 2 kernels in {sum(_RUNTIME.values()):.1f} s")
 
 
 # ---- the base case in depth: loss, gradients, the adapter, the indexer --------------------------------
