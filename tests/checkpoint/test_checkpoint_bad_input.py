@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.helpers.checkpoint_fixtures import debug_args, debug_hf_model
-from tests.helpers.titan_runs import losses, run_train
 from titan_dsv4.checkpoint.files import CheckpointError
 from titan_dsv4.checkpoint.validation import CheckpointMismatchError
+from titan_dsv4.launch import losses, run_train
 from titan_dsv4.model import ConfigError
 
 

@@ -11,17 +11,21 @@ import shutil
 import pytest
 import torch
 
-from tests.checkpoint.test_checkpoint_hf_e2e import (
-    HF_LOAD,
-    TOL,
-    _assert_each_rank_read_its_half,
-    _assert_first_step_matches,
-    _our_model_from,
-    _transformers_loss,
-)
-from tests.checkpoint.test_checkpoint_resume import _checkpoint, _differences
 from tests.helpers.checkpoint_fixtures import make_checkpoints
-from tests.helpers.titan_runs import RESUMABLE, first_global_batch, losses, run_train, run_with_fault
+from tests.helpers.titan_runs import (
+    HF_LOAD,
+    RESUMABLE,
+    TOL,
+    assert_each_rank_read_its_half,
+    assert_first_step_matches,
+    checkpoint_state,
+    differences,
+    first_global_batch,
+    our_model_from,
+    run_with_fault,
+    transformers_loss,
+)
+from titan_dsv4.launch import losses, run_train
 
 EP2 = ["--parallelism.expert_parallel_degree", "2"]
 
@@ -45,8 +49,8 @@ def test_hf_load_and_export_at_ep_2(tmp_path):
     )
     assert rc == 0, log[-4000:]
     assert "FP8/FP4 dequantized on read" in log
-    _assert_first_step_matches(log, _transformers_loss(checkpoints["quantized_reference"], batch))
-    _assert_each_rank_read_its_half(log)  # each rank reads its own experts (and its FSDP shard of the rest)
+    assert_first_step_matches(log, transformers_loss(checkpoints["quantized_reference"], batch))
+    assert_each_rank_read_its_half(log)  # each rank reads its own experts (and its FSDP shard of the rest)
     export = tmp_path / "run" / "checkpoint" / "step-1"
     hf, info = DeepseekV4ForCausalLM.from_pretrained(
         str(export), dtype=torch.float32, output_loading_info=True
@@ -54,7 +58,7 @@ def test_hf_load_and_export_at_ep_2(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     tokens = batch[0][:2, :300]
     with torch.no_grad():
-        diff = (_our_model_from(str(export))(tokens) - hf.eval()(input_ids=tokens).logits).abs().max().item()
+        diff = (our_model_from(str(export))(tokens) - hf.eval()(input_ids=tokens).logits).abs().max().item()
     assert diff <= TOL, diff
 
 
@@ -104,10 +108,10 @@ def test_resume_at_ep_2_is_bit_exact(straight, tmp_path):
     assert rc == 0, log[-4000:]
     assert "Training starts at step 6" in log
     assert losses(log) == {s: ref[s] for s in range(6, 11)}
-    resumed = _checkpoint(tmp_path / "checkpoint" / "step-10", tmp_path)
+    resumed = checkpoint_state(tmp_path / "checkpoint" / "step-10", tmp_path)
     (tmp_path / "ref").mkdir()
-    reference = _checkpoint(dump / "checkpoint" / "step-10", tmp_path / "ref")
-    assert not _differences(resumed, reference), _differences(resumed, reference)[:10]
+    reference = checkpoint_state(dump / "checkpoint" / "step-10", tmp_path / "ref")
+    assert not differences(resumed, reference), differences(resumed, reference)[:10]
 
 
 @pytest.mark.slow

@@ -11,24 +11,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tests.helpers.checkpoint_fixtures import debug_args, load_through_adapter, make_checkpoints
-from tests.helpers.titan_runs import ROOT, bytes_read, first_global_batch, losses, run_train
-
-TOL = 1e-4
-HF_LOAD = [
-    "--training.steps",
-    "1",
-    "--training.mixed_precision_param",
-    "float32",
-    "--checkpoint.enable",
-    "--checkpoint.initial_load_in_hf",
-    "--checkpoint.last_save_model_only",
-    # the loaded indexer is trained: sparse attention from step 1, as transformers computes it
-    "--deepseek_v4.indexer_warmup_steps",
-    "0",
-]
+from tests.helpers.checkpoint_fixtures import make_checkpoints
+from tests.helpers.titan_runs import (
+    HF_LOAD,
+    TOL,
+    assert_each_rank_read_its_half,
+    assert_first_step_matches,
+    first_global_batch,
+    our_model_from,
+    transformers_loss,
+)
+from titan_dsv4.launch import ROOT, run_train
 
 
 @pytest.fixture(scope="module")
@@ -39,26 +33,6 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def batch():
     return first_global_batch()
-
-
-def _transformers_loss(model, batch) -> float:
-    inputs, labels = batch
-    with torch.no_grad():
-        logits = model(input_ids=inputs).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()).item()
-
-
-def _assert_first_step_matches(log: str, expected: float) -> None:
-    got = losses(log, 0), losses(log, 1)
-    assert got[0].keys() == got[1].keys() == {1}, log[-4000:]
-    assert abs(got[0][1] - expected) <= TOL and got[0] == got[1], (got, expected)
-
-
-def _assert_each_rank_read_its_half(log: str) -> None:
-    read = bytes_read(log)
-    assert sorted(read) == [0, 1], log[-3000:]
-    for mine, total in read.values():
-        assert 0.3 * total < mine < 0.6 * total, read  # FSDP shards: about half each, never the whole
 
 
 @pytest.mark.slow
@@ -77,31 +51,21 @@ def test_save_pretrained_folder_trains_and_exports_a_folder_transformers_loads(c
     )
     assert rc == 0, log[-4000:]
     assert "transformers save_pretrained layout, 122 tensors" in log
-    _assert_first_step_matches(log, _transformers_loss(checkpoints["hf"], batch))
-    _assert_each_rank_read_its_half(log)
+    assert_first_step_matches(log, transformers_loss(checkpoints["hf"], batch))
+    assert_each_rank_read_its_half(log)
 
     export = tmp_path / "checkpoint" / "step-1"
     hf, info = DeepseekV4ForCausalLM.from_pretrained(
         str(export), dtype=torch.float32, output_loading_info=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    ours = _our_model_from(str(export))
+    ours = our_model_from(str(export))
     tokens = batch[0][:2, :300]
     with torch.no_grad():
         diff = (ours(tokens) - hf.eval()(input_ids=tokens).logits).abs().max().item()
     assert diff <= TOL, diff
     trained = hf.state_dict()["model.layers.2.mlp.experts.gate_up_proj"]
     assert not torch.equal(trained, checkpoints["hf"].state_dict()["model.layers.2.mlp.experts.gate_up_proj"])
-
-
-def _our_model_from(folder: str):
-    """Our model loaded through the adapter's storage reader, as Titan loads it (single process)."""
-    from titan_dsv4.model import DeepSeekV4ModelArgs
-
-    args = DeepSeekV4ModelArgs.from_hf_config(folder)
-    assert args == debug_args().replace(max_seq_len=args.max_seq_len)  # the exported config.json is the model
-    args.max_seq_len = 512
-    return load_through_adapter(folder, args)
 
 
 @pytest.mark.slow
@@ -115,8 +79,8 @@ def test_released_folder_loads_through_the_generated_toml(checkpoints, batch, tm
     rc, log = run_train(["--config", str(config), *HF_LOAD[:4], "--job.dump_folder", str(tmp_path)])
     assert rc == 0, log[-4000:]
     assert "released layout, 122 tensors, 3 MTP tensors not trained here" in log
-    _assert_first_step_matches(log, _transformers_loss(checkpoints["hf"], batch))
-    _assert_each_rank_read_its_half(log)
+    assert_first_step_matches(log, transformers_loss(checkpoints["hf"], batch))
+    assert_each_rank_read_its_half(log)
 
 
 @pytest.mark.slow
@@ -132,7 +96,7 @@ def test_fp8_fp4_released_folder_is_dequantized_on_load(checkpoints, batch, tmp_
     )
     assert rc == 0, log[-4000:]
     assert "FP8/FP4 dequantized on read" in log
-    _assert_first_step_matches(log, _transformers_loss(checkpoints["quantized_reference"], batch))
+    assert_first_step_matches(log, transformers_loss(checkpoints["quantized_reference"], batch))
 
 
 @pytest.mark.slow
@@ -158,7 +122,7 @@ def test_released_folder_as_hf_assets_path_exports_in_its_shards(checkpoints, ba
         ]
     )
     assert rc == 0, log[-4000:]
-    _assert_first_step_matches(log, _transformers_loss(checkpoints["hf"], batch))
+    assert_first_step_matches(log, transformers_loss(checkpoints["hf"], batch))
     export = tmp_path / "run" / "checkpoint" / "step-1"
     assert {
         "model-00001-of-00002.safetensors",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.helpers.checkpoint_fixtures import debug_args, load_through_adapter, make_checkpoints
-from tests.helpers.titan_runs import ROOT
+from titan_dsv4.launch import ROOT
 
 TOL = 1e-4
 

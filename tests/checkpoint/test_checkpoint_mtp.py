@@ -21,7 +21,7 @@ from tests.helpers.checkpoint_fixtures import (
     released_tensors,
     write_shards,
 )
-from tests.helpers.titan_runs import losses, run_train
+from titan_dsv4.launch import losses, run_train
 
 # Released name -> our parameter name (independent of the package's maps, from the spec's section 7.2).
 OURS = {

@@ -15,31 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.titan_runs import RESUMABLE, losses, run_train, run_with_fault
+from tests.helpers.titan_runs import RESUMABLE, checkpoint_state, differences, run_with_fault
+from titan_dsv4.launch import losses, run_train
 
 EXIT_BOUND_S = 60  # a killed rank must bring the whole job down within this (measured: about 1 s)
-
-
-def _checkpoint(step_dir: Path, tmp: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = tmp / f"{step_dir.parent.parent.name}-{step_dir.name}.pt"
-    dcp_to_torch_save(str(step_dir), str(out))
-    return torch.load(out, weights_only=False)
-
-
-def _differences(a, b, path: str = "") -> list[str]:
-    if isinstance(a, torch.Tensor):
-        return [] if isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b) else [path]
-    if isinstance(a, dict):
-        if not isinstance(b, dict) or set(a) != set(b):
-            return [path + " (keys)"]
-        return [d for k in a for d in _differences(a[k], b[k], f"{path}/{k}")]
-    if isinstance(a, (list, tuple)):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")] or (
-            [] if len(a) == len(b) else [path + " (length)"]
-        )
-    return [] if a == b else [path]
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -75,7 +54,7 @@ def straight(tmp_path_factory):
     rc, log = run_train([*RESUMABLE, "--job.dump_folder", str(dump)])
     assert rc == 0, log[-4000:]
     assert sorted(losses(log)) == list(range(1, 11)), log[-3000:]
-    return dump, losses(log), _checkpoint(dump / "checkpoint" / "step-10", tmp_path_factory.mktemp("pt"))
+    return dump, losses(log), checkpoint_state(dump / "checkpoint" / "step-10", tmp_path_factory.mktemp("pt"))
 
 
 def _resume_matches(dump: Path, straight, tmp: Path) -> str:
@@ -88,8 +67,8 @@ def _resume_matches(dump: Path, straight, tmp: Path) -> str:
     assert sorted(resumed) == [6, 7, 8, 9, 10]
     assert resumed == {s: ref_losses[s] for s in range(6, 11)}, (resumed, ref_losses)
     assert _digest(dump / "checkpoint" / "step-5") == step5  # the checkpoint resumed from is left as it was
-    state = _checkpoint(dump / "checkpoint" / "step-10", tmp)
-    assert not _differences(state, ref_state), _differences(state, ref_state)[:10]
+    state = checkpoint_state(dump / "checkpoint" / "step-10", tmp)
+    assert not differences(state, ref_state), differences(state, ref_state)[:10]
     return log
 
 
@@ -128,14 +107,20 @@ def test_stop_after_5_steps_then_resume_is_bit_exact(straight, tmp_path):
     _resume_matches(tmp_path, straight, tmp_path)
 
 
-@pytest.mark.slow
-def test_rank_killed_while_saving_leaves_a_half_written_folder_that_is_never_loaded(straight, tmp_path):
-    mark = tmp_path / "killed_at"
-    rc, log = run_with_fault([*RESUMABLE, "--job.dump_folder", str(tmp_path)], "save:10", mark)
+def _killed_run(dump: Path, fault: str) -> str:
+    """The resumable run with rank 1 killed at ``fault``: the job fails, within EXIT_BOUND_S of the kill."""
+    mark = dump / "killed_at"
+    rc, log = run_with_fault([*RESUMABLE, "--job.dump_folder", str(dump)], fault, mark)
     exited = time.time()
     assert rc != 0, log[-3000:]
     assert mark.exists(), log[-3000:]
     assert exited - float(mark.read_text()) < EXIT_BOUND_S
+    return log
+
+
+@pytest.mark.slow
+def test_rank_killed_while_saving_leaves_a_half_written_folder_that_is_never_loaded(straight, tmp_path):
+    _killed_run(tmp_path, "save:10")
     half = tmp_path / "checkpoint" / "step-10"
     assert (half / "__1_0.distcp").exists() and not (half / ".metadata").exists()
     log = _resume_matches(tmp_path, straight, tmp_path)
@@ -147,11 +132,7 @@ def test_rank_killed_while_saving_leaves_a_half_written_folder_that_is_never_loa
 
 @pytest.mark.slow
 def test_rank_killed_mid_step_ends_the_job_within_the_bound(straight, tmp_path):
-    mark = tmp_path / "killed_at"
-    rc, log = run_with_fault([*RESUMABLE, "--job.dump_folder", str(tmp_path)], "step:7", mark)
-    exited = time.time()
-    assert rc != 0, log[-3000:]
-    assert exited - float(mark.read_text()) < EXIT_BOUND_S
+    log = _killed_run(tmp_path, "step:7")
     assert sorted(losses(log)) == [1, 2, 3, 4, 5, 6]  # step 7 never completed
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-5"]
     assert (tmp_path / "checkpoint" / "step-5" / ".metadata").exists()

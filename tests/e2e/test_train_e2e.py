@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from tests.helpers.titan_runs import losses as _losses
-from tests.helpers.titan_runs import run_command
+from titan_dsv4.launch import losses as _losses
+from titan_dsv4.launch import run_command
 
 
 def _run(cmd: list[str], timeout: float = 420) -> tuple[int, str]:
