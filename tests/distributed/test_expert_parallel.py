@@ -7,13 +7,19 @@ compared with one process on the global batch; then the expert-bias update, comp
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers.sharded import dims, full_grads, job, parallelized_copy, reference_model, sample
+from tests.helpers.sharded import (
+    dims,
+    full_grads,
+    job,
+    logged_messages,
+    parallelized_copy,
+    reference_model,
+    sample,
+)
 from titan_dsv4.multiprocess import run_on_ranks
 
 SEQ = 256
@@ -25,11 +31,7 @@ def _ep_step(rank, world_size, degrees):
     from titan_dsv4.infra.parallelize import parallelize_deepseek_v4
     from titan_dsv4.infra.unit_plan import fsdp_units
 
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda r: records.append(r.getMessage())
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(logging.INFO)
+    records = logged_messages()
 
     args = deepseek_v4_args["debugmodel"].replace(max_seq_len=SEQ)
     ref = reference_model(args)

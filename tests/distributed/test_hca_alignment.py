@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers.sharded import dims as _dims
-from tests.helpers.sharded import full_grads, job, parallelized_copy, reference_model, sample
+from tests.helpers.sharded import full_grads, job, logged_messages, parallelized_copy, reference_model, sample
 from titan_dsv4.multiprocess import run_on_ranks
 
 
@@ -20,15 +20,9 @@ def _meta_model(**changes):
 
 
 def _group_answers(rank, world_size, degrees):
-    import logging
-
     from titan_dsv4.infra.parallelize import parallelize_deepseek_v4
 
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda r: records.append(r.getMessage())
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(logging.INFO)
+    records = logged_messages()
     model = _meta_model()
     try:
         parallelize_deepseek_v4(model, _dims(world_size, **degrees), job())

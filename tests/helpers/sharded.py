@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+
+def logged_messages() -> list[str]:
+    """The messages every logger logs at INFO and above from now on in this (rank's) process, as a list
+    that grows."""
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    return messages
 
 
 def dims(world_size: int, **degrees):
