@@ -46,10 +46,11 @@ def _loss(logits, tokens):
 def run(quick: bool) -> dict:
     import torch
 
-    import titan_dsv4  # noqa: F401  (CPU support before torchtitan)
+    from titan_dsv4.cpu import apply_cpu_support
 
     from .measure import median, timed
 
+    apply_cpu_support()
     torch.set_num_threads(THREADS)
     seq_len, reps = 2048, (2 if quick else 3)
     ours, hf, args = build_pair(seq_len)
