@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Titan's training line (not the validator's): "[rank0]:... step:  3  loss:  7.12  ...  tps: 1,234 ..."
 STEP = re.compile(r"\[rank(\d+)\].*?(?<!validate )step:\s+(\d+)\s+loss:\s+([0-9.]+)(.*)")
+# Our line right under it (infra/metrics.py): "[rank0]:... step:  3  mtp_loss: 7.1  indexer_kl: 0.2 ..."
+OURS = "(?:mtp_loss|indexer_kl|indexer_recall)"
+EXTRA = re.compile(r"\[rank(\d+)\].*?(?<!validate )step:\s+(\d+)\s+(" + OURS + r":.*)")
 VALIDATION = re.compile(r"\[rank(\d+)\].*validate step:\s+(\d+)\s+loss:\s+([0-9.]+)")
 FIGURE = re.compile(r"(\w+):\s+([0-9][0-9,]*(?:\.[0-9]+)?)")
 CHANCE = re.compile(r"indexer_recall: [0-9.]+ \(chance ([0-9.]+)\)")
@@ -73,10 +76,14 @@ def step_metrics(log: str) -> dict[int, dict[int, dict[str, float]]]:
         figures = {"memory_gib" if k == "memory" else k: _number(v) for k, v in FIGURE.findall(rest)}
         if "tps" in figures:
             figures["tps"] = int(figures["tps"])  # Titan logs it rounded
+        out.setdefault(rank, {}).setdefault(step, {}).update({"loss": loss, **figures})
+    for m in EXTRA.finditer(log):
+        rank, step, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        figures = {k: _number(v) for k, v in FIGURE.findall(rest)}
         chance = CHANCE.search(rest)
         if chance:
             figures["indexer_recall_chance"] = float(chance.group(1))
-        out.setdefault(rank, {})[step] = {"loss": loss, **figures}
+        out.setdefault(rank, {}).setdefault(step, {}).update(figures)
     return out
 
 

@@ -21,6 +21,7 @@ from titan_dsv4.checkpoint.files import CheckpointError
 from titan_dsv4.checkpoint.validation import CheckpointMismatchError
 from titan_dsv4.launch import losses, run_train
 from titan_dsv4.model import ConfigError
+from titan_dsv4.model.hf_config import hf_config_from_args
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_checkpoint_of_another_size_names_the_fields_and_the_flavor(good, tmp_pa
         _check(folder)
     from titan_dsv4.flavors import deepseek_v4_args
 
-    (folder / "config.json").write_text(json.dumps(deepseek_v4_args["flash"].to_hf_config()))
+    (folder / "config.json").write_text(json.dumps(hf_config_from_args(deepseek_v4_args["flash"])))
     with pytest.raises(CheckpointMismatchError, match="It is the 'flash' flavor: set --model.flavor flash"):
         _check(folder)
 

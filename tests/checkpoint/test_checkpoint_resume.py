@@ -27,7 +27,7 @@ def _digest(folder: Path) -> dict[str, str]:
 
 def test_optimizer_state_completed_for_a_save_changes_no_training():
     """A parameter without gradients gets the entry the optimizer would create itself, and no value moves."""
-    from titan_dsv4.checkpoint.manager import complete_optimizer_state
+    from titan_dsv4.infra.optimizer import complete_optimizer_state
 
     def train(complete: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)

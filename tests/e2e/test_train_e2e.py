@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
 
@@ -40,51 +39,6 @@ def test_run_train_default_config_trains_on_two_cpu_ranks(tmp_path):
     assert losses[12] < losses[1] - 1.0, losses
     assert "global batch size 4" in log  # 2 ranks x local batch 2: FSDP over both
     assert re.search(r"validate step: 12  loss: +[0-9.]+", log), log[-3000:]  # Titan's validator runs
-
-
-def _stock_entry(ranks: int, *flags: str) -> list[str]:
-    """TorchTitan's own entry point on the debug config, with titan_dsv4 as its custom import."""
-    return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--rdzv_backend", "c10d",
-        "--rdzv_endpoint=localhost:0", "--local-ranks-filter", ",".join(map(str, range(ranks))), "--role",
-        "rank", "--tee", "3", "-m", "torchtitan.train", "--job.config_file", "train_configs/debug_model.toml",
-        "--experimental.custom_import", "titan_dsv4", *flags,
-    ]  # fmt: skip
-
-
-@pytest.mark.slow
-def test_stock_torchtitan_entry_with_custom_import(tmp_path):
-    # the debug config's indexer warm-up needs our Trainer (test_stock_entry_refuses_...): off here
-    flags = [
-        "--training.steps",
-        "2",
-        "--deepseek_v4.indexer_warmup_steps",
-        "0",
-        "--job.dump_folder",
-        str(tmp_path),
-    ]
-    rc, log = _run(_stock_entry(2, *flags))
-    assert rc == 0, log[-4000:]
-    assert sorted(_losses(log, 1)) == [1, 2]
-
-
-@pytest.mark.slow
-def test_unknown_flavor_fails_before_training(tmp_path):
-    rc, log = _run(
-        [
-            "./run_train.sh",
-            "--model",
-            "deepseek_v4",
-            "--model.flavor",
-            "flassh",
-            "--job.dump_folder",
-            str(tmp_path),
-        ],
-        timeout=180,
-    )
-    assert rc != 0
-    assert "unknown DeepSeek-V4 flavor 'flassh'; known flavors: debugmodel, flash, pro" in log
-    assert not _losses(log)
 
 
 def test_launcher_rejects_unknown_model_and_missing_config():
@@ -125,25 +79,5 @@ def test_every_v4_option_trains_together_on_two_ranks(tmp_path):
     assert log.count("Process group destroyed") == 2
     losses = _losses(log)
     assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1], losses
-    line = re.compile(r"loss: +[0-9.]+  mtp_loss: [0-9.]+  indexer_kl: [0-9.]+  indexer_recall: [0-9.]+")
+    line = re.compile(r"step: +\d+  mtp_loss: [0-9.]+  indexer_kl: [0-9.]+  indexer_recall: [0-9.]+")
     assert len(line.findall(log)) == 12, log[-3000:]  # on every step's console line, on both ranks
-
-
-@pytest.mark.slow
-def test_stock_entry_refuses_what_only_our_trainer_serves(tmp_path):
-    rc, log = _run(
-        _stock_entry(
-            1,
-            "--checkpoint.enable",
-            "--checkpoint.last_save_in_hf",
-            "--checkpoint.last_save_model_only",
-            "--job.dump_folder",
-            str(tmp_path),
-        ),
-        timeout=180,
-    )
-    assert rc != 0
-    assert "checkpoint.last_save_in_hf needs titan_dsv4's trainer" in log and "./run_train.sh" in log
-    assert "indexer_warmup_steps=2 needs titan_dsv4's trainer" in log  # the debug config's warm-up
-    assert "--deepseek_v4.indexer_warmup_steps 0" in log
-    assert not _losses(log, 0)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.helpers.hf_reference import build_hf_model
+from titan_dsv4.model.hf_config import hf_config_from_args
 
 _GLOBAL = {
     "model.embed_tokens.weight": "embed.weight",
@@ -110,7 +111,7 @@ def debug_args():
 
 def debug_hf_model(seed: int = 0):
     """A random transformers DeepseekV4ForCausalLM with exactly the debugmodel flavor's shapes (fp32)."""
-    return build_hf_model(debug_args().to_hf_config(), seed=seed)
+    return build_hf_model(hf_config_from_args(debug_args()), seed=seed)
 
 
 def released_tensors(hf_state: dict[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
@@ -136,7 +137,7 @@ def released_tensors(hf_state: dict[str, torch.Tensor], n_experts: int) -> dict[
 
 def legacy_config(args) -> dict:
     """The config.json in the released checkpoints' (legacy) keys, with the trailing MTP schedule entry."""
-    c = args.to_hf_config()
+    c = hf_config_from_args(args)
     for key in ("layer_types", "mlp_layer_types", "partial_rotary_factor", "compress_rates"):
         c.pop(key)
     c.update(

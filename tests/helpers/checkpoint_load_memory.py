@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from titan_dsv4.model.hf_config import hf_config_from_args
+
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -72,9 +74,9 @@ def write_checkpoints(root: str, args) -> dict[str, str]:
             metadata={"format": "pt"},
         )
     with open(os.path.join(folders["fp32"], "config.json"), "w") as f:
-        json.dump(args.to_hf_config(), f)
+        json.dump(hf_config_from_args(args), f)
     stored, _ = quantize_released(released_tensors(hf, args.moe_args.num_experts))
-    write_shards(folders["fp8_fp4"], stored, args.to_hf_config(), n_shards=4)
+    write_shards(folders["fp8_fp4"], stored, hf_config_from_args(args), n_shards=4)
     return folders
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from tests.helpers.checkpoint_fixtures import debug_args, load_through_adapter
 from titan_dsv4.launch import ROOT, bytes_read, losses, run_train
+from titan_dsv4.model.hf_config import args_from_hf_config
 
 # Bit-exact resume runs: same seed, deterministic kernels, same schedule length.
 RESUMABLE = [
@@ -104,9 +105,8 @@ def assert_each_rank_read_its_half(log: str) -> None:
 
 def our_model_from(folder: str):
     """Our model loaded through the adapter's storage reader, as Titan loads it (single process)."""
-    from titan_dsv4.model import DeepSeekV4ModelArgs
 
-    args = DeepSeekV4ModelArgs.from_hf_config(folder)
+    args = args_from_hf_config(folder)
     assert args == debug_args().replace(max_seq_len=args.max_seq_len)  # the exported config.json is the model
     args.max_seq_len = 512
     return load_through_adapter(folder, args)

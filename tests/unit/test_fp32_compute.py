@@ -162,6 +162,16 @@ def test_experts_part_is_fp32_swiglu_weighted_before_w2(debug_args):
     torch.testing.assert_close(off, expected, rtol=2e-2, atol=0)  # the same function otherwise
 
 
+def _section(*flags: str):
+    """The [deepseek_v4] section Titan parses from the debug config and ``flags``."""
+    from pathlib import Path
+
+    from torchtitan.config import ConfigManager
+
+    config = Path(__file__).parents[2] / "train_configs" / "debug_model.toml"
+    return ConfigManager().parse_args(["--job.config_file", str(config), *flags]).deepseek_v4
+
+
 @pytest.mark.parametrize(
     "flag, expected",
     [
@@ -171,26 +181,16 @@ def test_experts_part_is_fp32_swiglu_weighted_before_w2(debug_args):
     ],
 )
 def test_fp32_compute_from_the_command_line(debug_args, flag, expected):
-    from pathlib import Path
-
-    from torchtitan.config import ConfigManager
-
-    from titan_dsv4.model.args import apply_options
-
-    config = Path(__file__).parents[2] / "train_configs" / "debug_model.toml"
-    job = ConfigManager().parse_args(["--job.config_file", str(config), *flag])
-    apply_options(debug_args, job.deepseek_v4)
-    assert debug_args.fp32_compute == expected
+    debug_args.apply_section(_section(*flag))
+    assert debug_args.fp32_compute == list(expected)
 
 
 def test_an_unknown_part_is_refused(debug_args):
-    from types import SimpleNamespace
-
     from titan_dsv4.model import ConfigError
-    from titan_dsv4.model.args import apply_options
 
+    debug_args.apply_section(_section("--deepseek_v4.fp32_compute", "none"))
     with pytest.raises(ConfigError, match=r"fp32_compute names unknown parts \['none'\]"):
-        apply_options(debug_args, SimpleNamespace(fp32_compute=["none"]))
+        debug_args.validate()
 
 
 @pytest.mark.parametrize(

@@ -11,16 +11,17 @@ from tests.helpers.parity_cases import BASE, CASES, YARN
 from titan_dsv4.flavors import deepseek_v4_args
 from titan_dsv4.model import ConfigError, DeepSeekV4ModelArgs
 from titan_dsv4.model.args import RopeTable
+from titan_dsv4.model.hf_config import args_from_hf_config, hf_config_from_args
 
 
 def _from(**changes) -> DeepSeekV4ModelArgs:
     c = copy.deepcopy(BASE)
     c.update(changes)
-    return DeepSeekV4ModelArgs.from_hf_config(c)
+    return args_from_hf_config(c)
 
 
 def _round_trips(args: DeepSeekV4ModelArgs) -> None:
-    back = DeepSeekV4ModelArgs.from_hf_config(args.to_hf_config())
+    back = args_from_hf_config(hf_config_from_args(args))
     assert back.replace(max_seq_len=args.max_seq_len) == args
 
 
@@ -31,7 +32,7 @@ def test_every_flavor_round_trips(flavor):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_every_matrix_config_round_trips(case):
-    _round_trips(DeepSeekV4ModelArgs.from_hf_config(case.config()))
+    _round_trips(args_from_hf_config(case.config()))
 
 
 def test_a_table_without_a_type_gets_no_yarn():
@@ -39,7 +40,7 @@ def test_a_table_without_a_type_gets_no_yarn():
     plain = _from(rope_scaling=None)
     assert plain.compress_rope == RopeTable("default", 160000.0)
     assert plain.main_rope == RopeTable("default", 10000.0)
-    nested = DeepSeekV4ModelArgs.from_hf_config(
+    nested = args_from_hf_config(
         {
             **{k: v for k, v in BASE.items() if k != "rope_scaling"},
             "partial_rotary_factor": 0.5,
@@ -79,7 +80,7 @@ def test_partial_rotary_factor_wins_over_qk_rope_head_dim_as_in_transformers():
 
 def test_missing_keys_take_transformers_defaults():
     minimal = {"num_hidden_layers": 4, "compress_ratios": [0, 4, 128, 4]}
-    args = DeepSeekV4ModelArgs.from_hf_config(minimal)
+    args = args_from_hf_config(minimal)
     assert args.n_layers == 4 and args.head_dim == 512 and args.rope_head_dim == 64
     assert args.dim == 4096 and args.moe_args.num_experts == 256 and args.moe_args.top_k == 6
     assert args.compress_rope == RopeTable("default", 160000.0) and args.mtp_layers == 1 and args.eos_id == 1
@@ -151,7 +152,7 @@ def test_other_models_and_a_missing_schedule_are_refused():
         _from(model_type="llama")
     no_schedule = {k: v for k, v in BASE.items() if k != "compress_ratios"}
     with pytest.raises(ConfigError, match="refusing to guess"):
-        DeepSeekV4ModelArgs.from_hf_config(no_schedule)
+        args_from_hf_config(no_schedule)
 
 
 def test_legacy_trailing_mtp_entry_is_dropped():

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tests.helpers.hf_reference import build_hf_model, build_ours
 from tests.helpers.parity_cases import CASES, transformers_default_case
+from titan_dsv4.model.hf_config import args_from_hf_config
 from titan_dsv4.model.layers import inv_freq
 
 TOL = 1e-4
@@ -23,12 +24,11 @@ def _tokens(case, vocab: int) -> torch.Tensor:
 
 
 def _check_case(case) -> None:
-    from titan_dsv4.model import DeepSeekV4ModelArgs
 
     config = case.config()
     hf = build_hf_model(config)
-    args = DeepSeekV4ModelArgs.from_hf_config(config)  # the raw dict transformers was given
-    normalised = DeepSeekV4ModelArgs.from_hf_config(hf.config.to_dict())
+    args = args_from_hf_config(config)  # the raw dict transformers was given
+    normalised = args_from_hf_config(hf.config.to_dict())
     assert normalised == args, "transformers' normalised config.json must translate to the same model"
     rotary = hf.model.rotary_emb
     for table in ("main", "compress"):
@@ -54,19 +54,17 @@ def test_transformers_default_config_matches():
     case = transformers_default_case()
     assert case.config()["rope_parameters"]["compress"]["rope_type"] == "default"
     _check_case(case)
-    from titan_dsv4.model import DeepSeekV4ModelArgs
 
-    assert DeepSeekV4ModelArgs.from_hf_config(case.config()).compress_rope.rope_type == "default"
+    assert args_from_hf_config(case.config()).compress_rope.rope_type == "default"
 
 
 # ---- the base case in depth: loss, gradients, the adapter, the indexer --------------------------------
 @pytest.fixture(scope="module", params=["sparse", "dense"])
 def pair(request):
-    from titan_dsv4.model import DeepSeekV4ModelArgs
 
     case = CASES[0]
     hf = build_hf_model(case.config())
-    args = DeepSeekV4ModelArgs.from_hf_config(case.config())
+    args = args_from_hf_config(case.config())
     ours = build_ours(args, hf, case.seq_len, request.param)
     return hf, ours, args, _tokens(case, 256)
 
@@ -129,11 +127,10 @@ def test_dense_kernel_is_bit_exact_with_transformers():
     (Where the routed experts' fp32 sums meet in another order than transformers' expert loop, the last
     ulp can differ; this configuration was bit-exact before the translation rework and must stay so.)
     """
-    from titan_dsv4.model import DeepSeekV4ModelArgs
 
     case = next(c for c in CASES if c.name == "hca_128_len_300")
     hf = build_hf_model(case.config())
-    ours = build_ours(DeepSeekV4ModelArgs.from_hf_config(case.config()), hf, case.seq_len, "dense")
+    ours = build_ours(args_from_hf_config(case.config()), hf, case.seq_len, "dense")
     tokens = _tokens(case, 512)
     with torch.no_grad():
         assert torch.equal(ours(tokens), hf(input_ids=tokens).logits)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from titan_dsv4.launch import ANSI, bytes_read, losses, step_lines, step_metrics, validation_losses
 
-# What torchrun --tee prints for two ranks (colours stripped by run_command), our figures after the loss.
+# What torchrun --tee prints for two ranks (colours stripped by run_command), our figures on the next line.
 LOG = """\
-[rank0]:[titan] 2026-11-26 18:02:21,132 - root - INFO - step:  1  loss:  8.11662  mtp_loss: 8.20000  \
-indexer_kl: 0.24561  indexer_recall: 0.29321 (chance 0.302)  grad_norm:  0.0158  memory:  0.95GiB(4.05%)  \
-tps: 1,230  tflops: 0.01  mfu: 0.00%
+[rank0]:[titan] 2026-11-26 18:02:21,132 - root - INFO - step:  1  loss:  8.11662  grad_norm:  0.0158  \
+memory:  0.95GiB(4.05%)  tps: 1,230  tflops: 0.01  mfu: 0.00%
+[rank0]:[titan] 2026-11-26 18:02:21,133 - root - INFO - step:  1  mtp_loss: 8.20000  indexer_kl: 0.24561  \
+indexer_recall: 0.29321 (chance 0.302)
 [rank1]:[titan] 2026-11-26 18:02:21,132 - root - INFO - step:  1  loss:  8.11662  grad_norm:  0.0158  \
 memory:  0.94GiB(4.00%)  tps: 1,211  tflops: 0.01  mfu: 0.00%
 [rank0]:[titan] 2026-11-26 18:02:22,000 - root - INFO - validate step:  1  loss:  7.5000  \

@@ -84,17 +84,25 @@ def test_mtp_targets_never_cross_a_document_boundary():
     assert mtp_targets_in_document(tokens, 1, eos_id=None).all()
 
 
-def test_mtp_config_values_are_refused_by_name(debug_args):
-    from types import SimpleNamespace
+def test_mtp_config_values_are_refused_by_name():
+    from pathlib import Path
 
+    from torchtitan.config import ConfigManager
+
+    from titan_dsv4.job_config import check_job
     from titan_dsv4.model import ConfigError
-    from titan_dsv4.model.args import apply_options
 
-    section = SimpleNamespace(mtp_layers=-1, mtp_loss_weight=None)
-    with pytest.raises(ConfigError, match=r"deepseek_v4.mtp_layers=-1"):
-        apply_options(debug_args, section)
-    with pytest.raises(ConfigError, match=r"deepseek_v4.mtp_loss_weight=-0.5"):
-        apply_options(debug_args.replace(), SimpleNamespace(mtp_layers=None, mtp_loss_weight=-0.5))
+    root = Path(__file__).parents[2]
+    for flags, named in (
+        (["--deepseek_v4.mtp_layers", "-1"], "mtp_layers=-1"),
+        (["--deepseek_v4.mtp_loss_weight", "-0.5"], "deepseek_v4.mtp_loss_weight=-0.5"),
+    ):
+        job = ConfigManager().parse_args(
+            ["--job.config_file", str(root / "train_configs/debug_model.toml"), *flags]
+        )
+        job.model.hf_assets_path = str(root / "titan_dsv4/assets/tokenizer")
+        with pytest.raises(ConfigError, match=named):
+            check_job(job)
 
 
 # ---- under FSDP, AC and EP: its own unit, gradients equal one process ------------------------------
