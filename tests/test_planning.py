@@ -11,7 +11,7 @@ import pytest
 from distributed import run_on_ranks
 
 from titan_dsv4.infra import planning
-from titan_dsv4.infra.planning import GIB, Layout, Training
+from titan_dsv4.infra.planning import GIB, Layout, Training, refusal
 from titan_dsv4.model.args import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,9 +213,9 @@ def test_refusal_names_the_figures_and_a_layout_that_fits():
 
 def test_flash_on_a_24_gb_cpu_machine_is_refused_with_what_would_fit(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # run_train.sh's default on CPU: 2 ranks
-    monkeypatch.setattr(planning.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(refusal.torch.cuda, "is_available", lambda: False)
     pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 24 * 10**9 // 4096}
-    monkeypatch.setattr(planning.os, "sysconf", pages.__getitem__)
+    monkeypatch.setattr(refusal.os, "sysconf", pages.__getitem__)
     job = _job("deepseek_v4_flash.toml")
     with pytest.raises(ConfigError) as refused:
         planning.refuse_layout_that_cannot_fit(
@@ -245,10 +245,10 @@ def test_dry_runs_and_simulated_modes_are_not_checked():
 def test_device_memory_is_the_knob_else_the_device(monkeypatch):
     job = _job("debug_model.toml", "--deepseek_v4.gpu_memory_gib", "24")
     assert planning.device_memory(job) == (24 * GIB, "--deepseek_v4.gpu_memory_gib 24")
-    monkeypatch.setattr(planning.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(refusal.torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     memory, source = planning.device_memory(_job("debug_model.toml"))
-    assert memory * 4 <= planning.os.sysconf("SC_PAGE_SIZE") * planning.os.sysconf("SC_PHYS_PAGES")
+    assert memory * 4 <= refusal.os.sysconf("SC_PAGE_SIZE") * refusal.os.sysconf("SC_PHYS_PAGES")
     assert source.endswith("/ 4 local rank(s)")
 
 
