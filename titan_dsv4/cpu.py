@@ -89,7 +89,7 @@ def _patch_profiler() -> None:
     """The profiler ignores the ``None`` activity Titan adds when there is no GPU."""
     orig_cls = torch.profiler.profile
 
-    class profile(orig_cls):  # noqa: N801 - keeps torch's name
+    class profile(orig_cls):
         def __init__(self, *args, activities=None, **kwargs):
             if activities is not None:
                 activities = [a for a in activities if a is not None]

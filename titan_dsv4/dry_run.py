@@ -3,7 +3,7 @@
 One process, TorchTitan's fake backend standing in for NGPU ranks: builds Titan's meshes, the model on
 the meta device and runs ``parallelize_deepseek_v4``, then prints the FSDP unit plan (units by kind and
 compute dtype, parameters and bytes per rank, resharding, HCA alignment) and one rank's memory and
-traffic per step (``infra/planning.py``): parameter, gradient and AdamW bytes and the largest unsharded unit
+traffic per step (``infra/planning/``): parameter, gradient and AdamW bytes and the largest unsharded unit
 from the built plan, activations at the config's seq_len and AC mode, all-gather / reduce-scatter /
 all-to-all bytes, and whether the layout fits a device of ``--deepseek_v4.gpu_memory_gib`` GiB (80 when
 unset: an 80 GB GPU), with a layout that would fit when it does not. The analytic estimate, which the
@@ -27,11 +27,11 @@ from torchtitan.protocols.train_spec import get_train_spec
 import titan_dsv4  # noqa: F401  (registers the deepseek_v4 train spec)
 from titan_dsv4.cpu import apply_cpu_support
 from titan_dsv4.infra.planning import (
-    DRY_RUN_GPU_MEMORY_GIB,
     GIB,
     Layout,
     Training,
     built_units,
+    dry_run_device,
     estimate,
     fitting_layout,
     format_memory,
@@ -66,14 +66,6 @@ def build_plan(job: JobConfig, world_size: int) -> dict:
     plan = summarize(model, dims, job, world_size)
     plan["memory"] = memory_plan(model, args, dims, job)
     return plan
-
-
-def dry_run_device(job: JobConfig) -> tuple[int, str]:
-    """The device the plan must fit: ``--deepseek_v4.gpu_memory_gib``, else an 80 GB GPU."""
-    gib = job.deepseek_v4.gpu_memory_gib
-    if gib > 0:
-        return int(gib * GIB), "--deepseek_v4.gpu_memory_gib"
-    return int(DRY_RUN_GPU_MEMORY_GIB * GIB), "the dry run's default; set --deepseek_v4.gpu_memory_gib"
 
 
 def memory_plan(model, args, dims: ParallelDims, job: JobConfig) -> dict:

@@ -152,34 +152,38 @@ def test_hsdp_2x2_ep_2_disables_hca_alignment():
 
 
 def test_refusals_name_the_degree_and_the_fix():
-    from types import SimpleNamespace
+    from torchtitan.distributed import ParallelDims
 
     from titan_dsv4.infra.parallelize import UnsupportedParallelismError, refuse_unimplemented_parallelism
 
     config = job()
     config.parallelism.expert_parallel_comm_backend = "deepep"
-    ep2 = SimpleNamespace(tp=1, cp=1, pp=1, ep=2, etp=1)
+    dims = dict(dp_replicate=1, dp_shard=2, cp=1, tp=1, pp=1, world_size=2)
+    ep2 = ParallelDims(**dims, ep=2, etp=1)
     with pytest.raises(
         UnsupportedParallelismError,
         match="needs the DeepEP package.*--parallelism.expert_parallel_comm_backend standard",
     ):
         refuse_unimplemented_parallelism(ep2, config)
     with pytest.raises(UnsupportedParallelismError, match="expert_tensor_parallel_degree=2"):
-        refuse_unimplemented_parallelism(SimpleNamespace(tp=1, cp=1, pp=1, ep=2, etp=2), job())
+        refuse_unimplemented_parallelism(
+            ParallelDims(**{**dims, "dp_shard": 4, "world_size": 4}, ep=2, etp=2), job()
+        )
 
 
 def test_fp32_experts_under_deepep_is_refused(debug_args):
-    from types import SimpleNamespace
+    from torchtitan.distributed import ParallelDims
 
     from titan_dsv4.infra.parallelize import UnsupportedParallelismError, refuse_fp32_experts_under_deepep
 
+    ep2 = ParallelDims(dp_replicate=1, dp_shard=2, cp=1, tp=1, pp=1, ep=2, etp=1, world_size=2)
     config = job()
     config.parallelism.expert_parallel_comm_backend = "deepep"
-    debug_args.fp32_compute = ("experts",)
+    debug_args.fp32_compute = ["experts"]
     with pytest.raises(UnsupportedParallelismError, match="fp32_compute includes 'experts'.*standard"):
-        refuse_fp32_experts_under_deepep(debug_args, SimpleNamespace(ep=2), config)
-    debug_args.fp32_compute = ("attention_logits", "hc_mixing")
-    refuse_fp32_experts_under_deepep(debug_args, SimpleNamespace(ep=2), config)  # the other parts are served
+        refuse_fp32_experts_under_deepep(debug_args, ep2, config)
+    debug_args.fp32_compute = ["attention_logits", "hc_mixing"]
+    refuse_fp32_experts_under_deepep(debug_args, ep2, config)  # the other parts are served
 
 
 def test_bad_expert_degrees_are_refused_before_any_work(debug_args):

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from titan_dsv4.infra import planning
-from titan_dsv4.infra.planning import GIB, Layout, Training
+from titan_dsv4.infra.planning import GIB, Layout, Training, refusal
 from titan_dsv4.model.args import ConfigError
 from titan_dsv4.multiprocess import run_on_ranks
 
@@ -22,6 +21,16 @@ LAYOUTS = [  # (config, world, ep, dp_replicate): with and without EP, HSDP, pad
     ("deepseek_v4_flash.toml", 112, 16, 1),  # 16 experts per EP rank over efsdp 7: padded to 21
     ("deepseek_v4_pro.toml", 512, 64, 1),  # efsdp 8 x ep 64 > 384 experts: Shard(1)
 ]
+
+
+def _dims(dp_shard: int, **degrees: int):
+    """Titan's ParallelDims for ``dp_shard`` ranks (validated, no mesh built: nothing here communicates)."""
+    from torchtitan.distributed import ParallelDims
+
+    full = dict(dp_replicate=1, dp_shard=dp_shard, cp=1, tp=1, pp=1, ep=1, etp=1) | degrees
+    return ParallelDims(
+        **full, world_size=full["dp_replicate"] * dp_shard * full["cp"] * full["tp"] * full["pp"]
+    )
 
 
 def _job(config: str, *flags: str):
@@ -195,7 +204,7 @@ def test_activations_scale_with_tokens_and_shrink_with_checkpointing():
 def test_refusal_names_the_figures_and_a_layout_that_fits():
     job = _job("deepseek_v4_flash.toml", "--training.local_batch_size", "1")
     args = _args(job)
-    dims = SimpleNamespace(dp_replicate=1, dp_shard=64, ep=1)
+    dims = _dims(64)
     with pytest.raises(ConfigError) as refused:
         planning.refuse_layout_that_cannot_fit(args, dims, job, device_memory_bytes=80 * GIB)
     message = str(refused.value)
@@ -215,14 +224,12 @@ def test_refusal_names_the_figures_and_a_layout_that_fits():
 
 def test_flash_on_a_24_gb_cpu_machine_is_refused_with_what_would_fit(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # run_train.sh's default on CPU: 2 ranks
-    monkeypatch.setattr(planning.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(refusal.torch.cuda, "is_available", lambda: False)
     pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 24 * 10**9 // 4096}
-    monkeypatch.setattr(planning.os, "sysconf", pages.__getitem__)
+    monkeypatch.setattr(refusal.os, "sysconf", pages.__getitem__)
     job = _job("deepseek_v4_flash.toml")
     with pytest.raises(ConfigError) as refused:
-        planning.refuse_layout_that_cannot_fit(
-            _args(job), SimpleNamespace(dp_replicate=1, dp_shard=2, ep=1), job
-        )
+        planning.refuse_layout_that_cannot_fit(_args(job), _dims(2), job)
     message = str(refused.value)
     assert "no GPU: host RAM" in message and "/ 2 local rank(s)" in message
     assert "the device has 11.2 GiB" in message
@@ -232,25 +239,23 @@ def test_flash_on_a_24_gb_cpu_machine_is_refused_with_what_would_fit(monkeypatch
 
 def test_debug_config_fits_a_12_gib_device():
     job = _job("debug_model.toml")
-    found = planning.refuse_layout_that_cannot_fit(
-        _args(job), SimpleNamespace(dp_replicate=1, dp_shard=2, ep=1), job, device_memory_bytes=12 * GIB
-    )
+    found = planning.refuse_layout_that_cannot_fit(_args(job), _dims(2), job, device_memory_bytes=12 * GIB)
     assert found is not None and found.peak < 1 * GIB
 
 
 def test_dry_runs_and_simulated_modes_are_not_checked():
     job = _job("deepseek_v4_flash.toml", "--comm.mode", "fake_backend")
-    tiny = SimpleNamespace(dp_replicate=1, dp_shard=2, ep=1)
+    tiny = _dims(2)
     assert planning.refuse_layout_that_cannot_fit(_args(job), tiny, job, device_memory_bytes=GIB) is None
 
 
 def test_device_memory_is_the_knob_else_the_device(monkeypatch):
     job = _job("debug_model.toml", "--deepseek_v4.gpu_memory_gib", "24")
     assert planning.device_memory(job) == (24 * GIB, "--deepseek_v4.gpu_memory_gib 24")
-    monkeypatch.setattr(planning.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(refusal.torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     memory, source = planning.device_memory(_job("debug_model.toml"))
-    assert memory * 4 <= planning.os.sysconf("SC_PAGE_SIZE") * planning.os.sysconf("SC_PHYS_PAGES")
+    assert memory * 4 <= refusal.os.sysconf("SC_PAGE_SIZE") * refusal.os.sysconf("SC_PHYS_PAGES")
     assert source.endswith("/ 4 local rank(s)")
 
 
