@@ -18,12 +18,13 @@ group (``refusals.shut_down_process_groups`` says why).
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 import types
 
 import torch
+
+from .infra.planning import host_memory_bytes
 
 _APPLIED: list[str] = []
 
@@ -41,17 +42,10 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _total_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 0
-
-
 def _cpu_device_module() -> types.SimpleNamespace:
     """torch.cpu plus the handful of CUDA-style calls Titan's Trainer makes on its device module."""
     ns = types.SimpleNamespace(**{k: getattr(torch.cpu, k) for k in dir(torch.cpu) if not k.startswith("__")})
-    props = types.SimpleNamespace(total_memory=_total_memory_bytes(), name="cpu")
+    props = types.SimpleNamespace(total_memory=host_memory_bytes(), name="cpu")
     ns.get_device_name = lambda *a, **k: "CPU"
     ns.current_device = lambda: 0
     ns.set_device = lambda *a, **k: None

@@ -12,15 +12,15 @@ from titan_dsv4.multiprocess import run_on_ranks
 
 
 def _step(rank, world_size, ac_mode, compile_enabled):
-    from torchtitan.config import JobConfig
     from torchtitan.distributed import ParallelDims
 
+    from tests.helpers.sharded import titan_job
     from titan_dsv4.flavors import deepseek_v4_args
     from titan_dsv4.infra.parallelize import parallelize_deepseek_v4
     from titan_dsv4.infra.unit_plan import fsdp_units
     from titan_dsv4.model import DeepSeekV4Model
 
-    job = JobConfig()
+    job = titan_job()
     job.activation_checkpoint.mode = ac_mode
     job.compile.enable = compile_enabled
     dims = ParallelDims(dp_replicate=1, dp_shard=2, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=2)

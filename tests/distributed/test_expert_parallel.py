@@ -187,13 +187,14 @@ def test_fp32_experts_under_deepep_is_refused(debug_args):
 
 
 def test_bad_expert_degrees_are_refused_before_any_work(debug_args):
-    from titan_dsv4.job_config import check_parallel_degrees
+    from titan_dsv4.job_config import check_job, check_parallel_degrees
     from titan_dsv4.model import ConfigError
 
     config = job()
+    config.model.name, config.model.flavor = "deepseek_v4", "debugmodel"
     config.parallelism.expert_parallel_degree = 3
     with pytest.raises(ConfigError, match="expert_parallel_degree=3 must divide the 8 routed experts"):
-        debug_args.update_from_config(config)
+        check_job(config)
     config.parallelism.expert_parallel_degree = 4
     with pytest.raises(
         ConfigError, match=r"expert_parallel_degree=4 .* must divide data_parallel_shard_degree"

@@ -11,14 +11,14 @@ from titan_dsv4.multiprocess import run_on_ranks
 def build_parallelized(
     world_size: int, mixed: str = "bfloat16", twice: bool = False, group_islands: bool = True
 ):
-    from torchtitan.config import JobConfig
     from torchtitan.distributed import ParallelDims
 
+    from tests.helpers.sharded import titan_job
     from titan_dsv4.flavors import deepseek_v4_args
     from titan_dsv4.infra.parallelize import parallelize_deepseek_v4
     from titan_dsv4.model import DeepSeekV4Model
 
-    job = JobConfig()
+    job = titan_job()
     job.training.mixed_precision_param = mixed
     dims = ParallelDims(
         dp_replicate=1, dp_shard=world_size, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=world_size

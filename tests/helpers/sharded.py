@@ -29,10 +29,15 @@ def dims(world_size: int, **degrees):
     return parallel
 
 
-def job(mixed: str = "float32", ac: str = "none", compile_model: bool = False):
-    from torchtitan.config import JobConfig
+def titan_job(*flags: str):
+    """Titan's default JobConfig with the [deepseek_v4] section (as a TOML naming our module parses)."""
+    from torchtitan.config import ConfigManager
 
-    config = JobConfig()
+    return ConfigManager().parse_args(["--job.custom_config_module", "titan_dsv4.job_config", *flags])
+
+
+def job(mixed: str = "float32", ac: str = "none", compile_model: bool = False):
+    config = titan_job()
     config.training.mixed_precision_param = mixed
     config.activation_checkpoint.mode = ac
     config.compile.enable = compile_model

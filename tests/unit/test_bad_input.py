@@ -12,9 +12,13 @@ from titan_dsv4.model import ConfigError, DeepSeekV4Model
 
 
 def _job(seq_len=512, hf_assets_path=None):
-    from torchtitan.config import JobConfig
+    """The debug config as Titan parses it (with its [deepseek_v4] section), seq_len and assets changed."""
+    from pathlib import Path
 
-    job = JobConfig()
+    from torchtitan.config import ConfigManager
+
+    config = Path(__file__).parents[2] / "train_configs" / "debug_model.toml"
+    job = ConfigManager().parse_args(["--job.config_file", str(config)])
     job.training.seq_len = seq_len
     job.model.hf_assets_path = hf_assets_path
     return job
@@ -43,10 +47,15 @@ def test_seq_len_the_compressors_cannot_serve(debug_args):
     debug_args.replace().update_from_config(_job(seq_len=128))  # one complete HCA window is enough
 
 
-def test_tokenizer_larger_than_vocab(debug_args, tmp_path):
+def test_tokenizer_larger_than_vocab(tmp_path):
+    from torchtitan.components.tokenizer import build_hf_tokenizer
+
+    from titan_dsv4.job_config import check_tokenizer_fits
+
     (tmp_path / "tokenizer.json").write_text(json.dumps(_tiny_tokenizer_json(3000)))
+    job = _job(hf_assets_path=str(tmp_path))
     with pytest.raises(ConfigError, match="has 3000 tokens but the model vocab_size is 2048"):
-        debug_args.update_from_config(_job(hf_assets_path=str(tmp_path)))
+        check_tokenizer_fits(build_hf_tokenizer(job), job)
 
 
 def test_token_ids_outside_the_vocabulary(debug_args):
@@ -59,15 +68,15 @@ def test_token_ids_outside_the_vocabulary(debug_args):
 
 
 def test_unimplemented_parallelism_is_refused_before_any_change(debug_args):
+    from torchtitan.distributed import ParallelDims
+
     from titan_dsv4.infra.parallelize import UnsupportedParallelismError, refuse_unimplemented_parallelism
 
-    class Dims:
-        tp, cp, pp, ep = 2, 1, 2, 1
-
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=2, pp=2, ep=1, etp=1, world_size=4)
     with pytest.raises(
         UnsupportedParallelismError, match="tensor_parallel_degree=2, parallelism.pipeline_parallel_degree=2"
     ):
-        refuse_unimplemented_parallelism(Dims())
+        refuse_unimplemented_parallelism(dims)
 
 
 def _tiny_tokenizer_json(n: int) -> dict:
