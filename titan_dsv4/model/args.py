@@ -214,11 +214,10 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
             seq_len, validation.seq_len if validation is not None and validation.enable else 0
         )
         self._check_tokenizer_fits(job_config.model.hf_assets_path)
-        if job_config.parallelism.context_parallel_degree > 1:
-            raise ConfigError(
-                "context_parallel_degree > 1 is not supported by DeepSeek-V4 yet (the compressors pool "
-                "windows across the whole sequence); set --parallelism.context_parallel_degree 1"
-            )
+        from .sequence_shard import check_cp_seq_len
+
+        p = job_config.parallelism
+        check_cp_seq_len(seq_len, p.context_parallel_degree, self, p.context_parallel_load_balancer)
         ep = job_config.parallelism.expert_parallel_degree
         if ep > 1 and self.moe_args.num_experts % ep:
             raise ConfigError(
