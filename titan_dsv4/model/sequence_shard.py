@@ -16,8 +16,8 @@ V4's attention runs across shards here, exactly:
     may start in the previous chunk: its rows come with the halo), then the entries of all ranks are
     all-gathered into global order (``gather_chunks``): each query sees exactly the entries it sees
     unsharded, by global position and global document;
-  * every exchange is autograd-correct: torch.distributed.nn's all-gather reduces the gradient back to the
-    owner in backward (a reduce-scatter on NCCL, an all-to-all and a sum on gloo).
+  * every exchange is autograd-correct: the all-gather's backward sums the gradient back to the owner (a
+    reduce-scatter; on gloo, which has none, an all-reduce of which each rank keeps its own part).
 
 Pipeline parallelism can reuse this for a stage's global positions and documents.
 """
@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
 from .args import ConfigError, DeepSeekV4ModelArgs
@@ -175,7 +174,7 @@ class SequenceShard:
         index_head_dim for the indexer's keys; HCA: S/128 x head_dim).
         """
         B, rows, width = t.shape
-        parts = torch.stack(dist_fn.all_gather(t.contiguous(), group=self.group))  # [cp, B, rows, F]
+        parts = _AllGather.apply(t, self.group)  # [cp, B, rows, F]
         K = rows // self.n_local
         chunks = (
             parts.view(self.cp, B, self.n_local, K, width).transpose(0, 1).reshape(B, self.n_chunks, K, width)
@@ -283,3 +282,29 @@ def _gather_plain(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts)
+
+
+class _AllGather(torch.autograd.Function):
+    """[...] -> [world, ...] all-gather whose backward reduce-scatters the gradient to each part's owner.
+
+    (torch.distributed.nn's all-gather emulates the reduce-scatter on gloo with scatters addressed by group
+    rank, which fails on a subgroup such as the ``cp`` mesh's.)
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t, group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) in ("nccl", "xccl"):
+            out = torch.empty_like(grad[0])
+            dist.reduce_scatter_tensor(out, grad.flatten(0, 1), group=ctx.group)
+            return out, None
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)].clone(), None
