@@ -237,3 +237,24 @@ def test_bad_seq_len_and_load_balancer_refused_before_work():
         check_cp_seq_len(200, 2, args, None)
     with pytest.raises(ConfigError, match="ptrr"):
         check_cp_seq_len(512, 2, args, "ptrr")
+
+
+def test_job_with_cp_checked_in_update_from_config():
+    """The model args' job hook refuses a non-dividing seq_len and validation under CP, naming the fix."""
+    from torchtitan.config import JobConfig
+
+    from titan_dsv4.model.args import ConfigError
+
+    job = JobConfig()
+    job.parallelism.context_parallel_degree = 2
+    job.training.seq_len = 768
+    args = _args(512, "causal", "sparse", False)
+    with pytest.raises(ConfigError, match="--training.seq_len 512 or 1024"):
+        args.update_from_config(job)
+    job.training.seq_len = 1024
+    job.validation.enable = True
+    with pytest.raises(ConfigError, match="--validation.enable false"):
+        args.update_from_config(job)
+    job.validation.enable = False
+    args.update_from_config(job)
+    assert args.max_seq_len == 1024

@@ -214,10 +214,9 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
             seq_len, validation.seq_len if validation is not None and validation.enable else 0
         )
         self._check_tokenizer_fits(job_config.model.hf_assets_path)
-        from .sequence_shard import check_cp_seq_len
+        from .sequence_shard import check_context_parallel
 
-        p = job_config.parallelism
-        check_cp_seq_len(seq_len, p.context_parallel_degree, self, p.context_parallel_load_balancer)
+        check_context_parallel(job_config, self)
         ep = job_config.parallelism.expert_parallel_degree
         if ep > 1 and self.moe_args.num_experts % ep:
             raise ConfigError(

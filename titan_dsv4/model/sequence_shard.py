@@ -72,6 +72,23 @@ def check_cp_seq_len(seq_len: int, cp: int, args: DeepSeekV4ModelArgs, load_bala
     )
 
 
+def check_context_parallel(job_config, args: DeepSeekV4ModelArgs) -> None:
+    """The job's context-parallel options, refused before any work when V4 cannot run them."""
+    p = job_config.parallelism
+    if p.context_parallel_degree <= 1:
+        return
+    check_cp_seq_len(
+        job_config.training.seq_len, p.context_parallel_degree, args, p.context_parallel_load_balancer
+    )
+    validation = getattr(job_config, "validation", None)
+    if validation is not None and validation.enable:
+        raise ConfigError(
+            "validation.enable with context_parallel_degree > 1: Titan 0.2.2's validator wraps the model in "
+            "its ring-attention context (it shards a llama ``freqs_cis`` buffer that DeepSeek-V4 does not "
+            "have). Set --validation.enable false, or validate with --parallelism.context_parallel_degree 1."
+        )
+
+
 @dataclass
 class WindowHalo:
     """The keys a chunk's first queries need from the previous chunk (sliding window), for the kernels."""
