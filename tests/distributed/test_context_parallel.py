@@ -28,17 +28,25 @@ def _args(seq_len: int, mask: str, kernel: str, warmup: bool):
     )
 
 
-def _batch(seq_len: int, batch: int, packed: bool, seed: int = 7):
+def _batch(
+    seq_len: int, batch: int, packed: bool, seed: int = 7, ends=(37, 100, 101, 300, 333, 700, 701, 905)
+):
     """Random tokens; packed: documents ending (eos) inside chunks, so that documents, compression
     windows and MTP targets cross every shard boundary."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(2, 2048, (batch, seq_len + 1), generator=g)
     if packed:
         for b in range(batch):
-            for p in (37 + 11 * b, 100, 101, 300 - b, 333, 700, 701, 905):
+            for i, p in enumerate(ends):
+                p = p + 11 * b if i == 0 else p - b if i == 3 else p  # rows differ
                 if p < seq_len:
                     x[b, p] = EOS
     return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+# Documents after the first shorter than hca_ratio: with cp 2 (chunks 0-3 of 128 tokens) the only HCA
+# window completes in chunk 1, so the cp rank holding chunks 1 and 2 completes one and the other none.
+SHORT_DOCS = (20, 30, 160, *range(220, 512, 60))
 
 
 def _step(model, inputs, labels, n_tokens, **kwargs):
@@ -176,7 +184,8 @@ def _fsdp_ep_cp(rank, world_size, seq_len):
     job.training.mixed_precision_param = "float32"
     args = _args(seq_len, "block_causal", "sparse", False)
     batch_rank = dims.get_mesh("batch").get_local_rank()
-    xs, ys = zip(*(_batch(seq_len, 1, True, seed=7 + r) for r in range(2)))
+    # batch rank 1: only one cp rank completes an HCA window (the HCA path still joins backward on both)
+    xs, ys = zip(_batch(seq_len, 1, True, seed=7), _batch(seq_len, 1, True, seed=8, ends=SHORT_DOCS))
     inputs, labels = xs[batch_rank], ys[batch_rank]
     initial, ref, _, ref_loss, ref_metrics, _ = _reference(args, torch.cat(xs), torch.cat(ys))
 
