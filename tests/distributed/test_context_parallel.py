@@ -74,7 +74,7 @@ def _reference(args, inputs, labels):
     return initial, model, logits, loss, metrics, counts
 
 
-def _compare_case(rank, cp_mesh, args, inputs, labels):
+def _compare_case(rank, cp_mesh, args, inputs, labels, balancer="headtail"):
     """One case: the reference on the whole batch, then cp ranks on Titan's shards of it."""
     import torch.distributed as dist
     from torchtitan.distributed.context_parallel import prepare_context_parallel_input
@@ -84,8 +84,8 @@ def _compare_case(rank, cp_mesh, args, inputs, labels):
     initial, ref, ref_logits, ref_loss, ref_metrics, ref_counts = _reference(args, inputs, labels)
     group = cp_mesh.get_group()
     model = initial
-    model.set_context_parallel(group, chunks_per_rank("headtail"))
-    x, y, extra = prepare_context_parallel_input(inputs, labels, {}, cp_mesh, torch.device("cpu"), "headtail")
+    model.set_context_parallel(group, chunks_per_rank(balancer))
+    x, y, extra = prepare_context_parallel_input(inputs, labels, {}, cp_mesh, torch.device("cpu"), balancer)
     logits, loss, metrics = _step(model, x, y, labels.numel(), positions=extra["positions"])
     positions = extra["positions"][0].long()
     out = {"logits": (logits - ref_logits[:, positions]).abs().max().item()}
@@ -125,16 +125,17 @@ def _cp_cases(rank, world_size, cases, seq_len, batch):
     torch.manual_seed(0)
     cp_mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
     results = {}
-    for mask, kernel, warmup in cases:
+    for case in cases:
+        mask, kernel, warmup, balancer = (*case, "headtail")[:4]
         inputs, labels = _batch(seq_len, batch, mask == "block_causal")
         args = _args(seq_len, mask, kernel, warmup)
-        results[(mask, kernel, warmup)] = _compare_case(rank, cp_mesh, args, inputs, labels)
+        results[case] = _compare_case(rank, cp_mesh, args, inputs, labels, balancer)
     return results
 
 
 def _assert_all_close(results):
     for case, out in results.items():
-        warmup = case[-1] is True
+        warmup = case[2] is True
         # in the dense warm-up only the indexer learns (its 3 CSA indexers' 4 parameters)
         assert out["n_grads"] == 12 if warmup else out["n_grads"] > 100, (case, out["n_grads"])
         for name, err in out.items():
@@ -148,12 +149,12 @@ CP2_CASES = [
     for mask in ("causal", "block_causal")
     for kernel in ("sparse", "dense")
     for warmup in (False, True)
-]
+] + [("block_causal", "sparse", False, None)]  # no load balancer: contiguous shards
 
 
 def test_cp2_matches_single_process():
-    """cp 2, head-tail: causal and packed documents, both kernels, the indexer's sparse stage (it selects:
-    up to 128 visible entries, top-16) and dense warm-up, MTP 1, hash and learned MoE."""
+    """cp 2, head-tail (and contiguous): causal and packed documents, both kernels, the indexer's sparse
+    stage (it selects: up to 128 visible entries, top-16) and dense warm-up, MTP 1, hash and learned MoE."""
     results = run_on_ranks(_cp_cases, 2, CP2_CASES, 512, 2, timeout=600)
     _assert_all_close(results[0])
     _assert_all_close(results[1])

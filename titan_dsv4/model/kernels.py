@@ -98,13 +98,16 @@ class _Fp32Einsum(torch.autograd.Function):
     def forward(ctx, equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ctx.equation = equation
         ctx.save_for_backward(a, b)
-        return torch.einsum(equation, a.float(), b.float())
+        # fp32 also under autocast (single-process bf16 runs autocast), which would recast the product
+        with torch.autocast(a.device.type, enabled=False):
+            return torch.einsum(equation, a.float(), b.float())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         a, b = ctx.saved_tensors
         operands, out = ctx.equation.split("->")
         a_idx, b_idx = operands.split(",")
+        grad = grad.float()
         grad_a = torch.einsum(f"{out},{b_idx}->{a_idx}", grad, b.float()).to(a.dtype)
         grad_b = torch.einsum(f"{out},{a_idx}->{b_idx}", grad, a.float()).to(b.dtype)
         return None, grad_a, grad_b

@@ -147,6 +147,7 @@ class SequenceShard:
         if not torch.equal(torch.sort(gathered).values, _arange(self.n_chunks, gathered)):
             raise ValueError(f"the ranks' chunks {gathered.tolist()} do not tile the sequence")
         self.global_order = torch.argsort(gathered)  # rank-major chunk list -> global chunk order
+        self._plan_halo_exchange(gathered.tolist(), dist.get_rank(group))
         self.tokens = self.gather_sequence(tokens)  # [B, S] global token ids
         self.docs = Documents.from_tokens(self.tokens, eos_id) if eos_id is not None else None
         self._slots: dict[int, SlotLayout] = {}
@@ -198,22 +199,40 @@ class SequenceShard:
         )
         return chunks[:, self.global_order].reshape(B, self.n_chunks * K, width)
 
+    def _plan_halo_exchange(self, gathered: list[int], me: int) -> None:
+        """Who sends which chunk's tail to whom: chunk g's tail goes to the owner of chunk g + 1."""
+        owner = {g: i // self.n_local for i, g in enumerate(gathered)}
+        local_index = {g: i for i, g in enumerate(gathered[me * self.n_local : (me + 1) * self.n_local])}
+        sends = sorted((owner[g + 1], g) for g in local_index if g + 1 < self.n_chunks)
+        recvs = sorted((owner[g], g) for g in owner if g + 1 < self.n_chunks and owner[g + 1] == me)
+        self._send_index = [local_index[g] for _, g in sends]
+        self._send_splits = [sum(dst == r for dst, _ in sends) for r in range(self.cp)]
+        self._recv_splits = [sum(src == r for src, _ in recvs) for r in range(self.cp)]
+        received = {g: i for i, (_, g) in enumerate(recvs)}
+        # per local chunk: the row of the received tails holding its predecessor's (chunk 0 has none)
+        self._halo_rows_of = [
+            received.get(g - 1, 0) for g in gathered[me * self.n_local : (me + 1) * self.n_local]
+        ]
+
     def halo(self, t: torch.Tensor, rows: int) -> torch.Tensor:
         """[B, S_local, F] -> [B, n_local, rows, F]: the last ``rows`` rows of each local chunk's predecessor
         (zeros before the sequence's start), with gradient back to their owner.
 
-        Each rank contributes only its chunks' tails, so a rank receives cp x n_local x rows x F elements
-        per exchange, independent of the sequence length (the sliding window: 2cp x W x head_dim per layer
-        with head-tail; a point-to-point exchange would receive 2 x W x head_dim).
+        A point-to-point exchange (one all-to-all): each chunk's tail goes only to the rank that holds the
+        next chunk, so a rank sends and receives n_local x rows x F elements (head-tail: 2 x W x head_dim
+        per layer for the sliding window), independent of the sequence length and of cp.
         """
         if rows > self.chunk:
             raise ValueError(f"a halo of {rows} rows does not fit a chunk of {self.chunk}")
         B, _, width = t.shape
-        tails = t.view(B, self.n_local, self.chunk, width)[:, :, self.chunk - rows :]
-        every = self.gather_chunks(tails.reshape(B, self.n_local * rows, width)).view(
-            B, self.n_chunks, rows, width
+        tails = t.view(B, self.n_local, self.chunk, width)[:, :, self.chunk - rows :].transpose(0, 1)
+        send = tails[self._send_index]  # [n_send, B, rows, F] ordered by destination rank
+        received = _AllToAll.apply(
+            send, sum(self._recv_splits), self._send_splits, self._recv_splits, self.group
         )
-        previous = every[:, (self.local_chunks - 1).clamp(min=0)]
+        if received.shape[0] == 0:  # only chunk 0 here: no halo, but the exchange stays in backward
+            return tails.new_zeros(B, self.n_local, rows, width) + received.sum()
+        previous = received[self._halo_rows_of].transpose(0, 1)  # [B, n_local, rows, F]
         return torch.where((self.local_chunks > 0).view(1, -1, 1, 1), previous, torch.zeros_like(previous))
 
     def extend(self, t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -325,3 +344,20 @@ class _AllGather(torch.autograd.Function):
             return out, None
         dist.all_reduce(grad, group=ctx.group)
         return grad[dist.get_rank(ctx.group)].clone(), None
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows of ``t`` to the ranks ``send_splits`` says (dim 0); backward sends each gradient row back."""
+
+    @staticmethod
+    def forward(ctx, t, n_out: int, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+        ctx.group, ctx.send_splits, ctx.recv_splits, ctx.shape = group, send_splits, recv_splits, t.shape
+        out = t.new_empty((n_out, *t.shape[1:]))
+        dist.all_to_all_single(out, t.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out = grad.new_empty(ctx.shape)
+        dist.all_to_all_single(out, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
+        return out, None, None, None, None
