@@ -16,6 +16,7 @@ from math import prod
 
 from .flavors import UnknownFlavorError, deepseek_v4_args
 from .model.options import ConfigError, TrainingOptions
+from .model.sequence_shard import check_context_parallel
 
 
 @dataclass
@@ -98,6 +99,7 @@ def _model_problems(job_config, section) -> list[str]:
         args = job_model_args(job_config)
         args.validate()
         args.check_seq_len(job_config.training.seq_len)
+        check_context_parallel(job_config, args)
     except ConfigError as e:
         return [str(e)]
     ep, experts = job_config.parallelism.expert_parallel_degree, args.moe_args.num_experts

@@ -23,9 +23,14 @@ from ..model.context import INDEXER_STATS
 from ..model.model import TrainingOutputs
 
 
-def mtp_labels(labels: torch.Tensor, k: int, valid: torch.Tensor) -> torch.Tensor:
-    """Depth k's targets for positions 0 .. S-k-1: ``labels[:, t + k]`` where valid, else ignored."""
-    return torch.where(valid, labels[:, k:], torch.full_like(labels[:, k:], IGNORE_INDEX))
+def mtp_labels(labels: torch.Tensor, k: int, valid: torch.Tensor, shard=None) -> torch.Tensor:
+    """Depth k's targets for positions 0 .. S-k-1: ``labels[:, t + k]`` where valid, else ignored.
+
+    Under context parallelism (``shard``) t + k may lie on another rank: the labels are all-gathered (ids,
+    B x S integers) and every local position gets its target ([B, S_local]).
+    """
+    ahead = labels[:, k:] if shard is None else shard.ahead_labels(labels, k, IGNORE_INDEX)
+    return torch.where(valid, ahead, torch.full_like(ahead, IGNORE_INDEX))
 
 
 def deepseek_v4_loss(pred, labels: torch.Tensor, ce=cross_entropy_loss) -> torch.Tensor:
@@ -43,7 +48,7 @@ def deepseek_v4_loss(pred, labels: torch.Tensor, ce=cross_entropy_loss) -> torch
     if extra.mtp_logits:
         sums = []
         for k, (mtp_logits, valid) in enumerate(zip(extra.mtp_logits, extra.mtp_valid), start=1):
-            targets = mtp_labels(labels, k, valid)
+            targets = mtp_labels(labels, k, valid, extra.shard)
             sums.append(ce(mtp_logits[:, : targets.shape[1]], targets))
             extra.metrics.add(f"mtp_loss_sum/{k}", sums[-1])
             extra.metrics.add(f"mtp_targets/{k}", (targets != IGNORE_INDEX).sum())

@@ -98,6 +98,7 @@ def parallelize_deepseek_v4(
             ep_degree=parallel_dims.ep,
         )
     bind_hca_param_sync_group(model, hca_param_sync_group(mesh))
+    bind_context_parallel(model, parallel_dims, job_config)
     model.parallel_plan = plan
     return model
 
@@ -164,13 +165,23 @@ def bind_hca_param_sync_group(model: nn.Module, group: dist.ProcessGroup | None)
         compressor.set_hca_param_sync_group(group)
 
 
+def bind_context_parallel(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
+    """Give the model the ``cp`` mesh's group: Titan shards its inputs, the model runs V4's attention across
+    the shards (``model/sequence_shard.py``)."""
+    if not parallel_dims.cp_enabled:
+        return
+    from ..model.sequence_shard import chunks_per_rank
+
+    per_rank = chunks_per_rank(job_config.parallelism.context_parallel_load_balancer)
+    model.set_context_parallel(parallel_dims.get_mesh("cp").get_group(), per_rank)
+
+
 def refuse_unimplemented_parallelism(
     parallel_dims: ParallelDims, job_config: JobConfig | None = None
 ) -> None:
     """Fail before any work on degrees this package does not implement, naming each one and the fix."""
     unsupported = {
         "tensor_parallel_degree": parallel_dims.tp,
-        "context_parallel_degree": parallel_dims.cp,
         "pipeline_parallel_degree": parallel_dims.pp,
         "expert_tensor_parallel_degree": parallel_dims.etp if parallel_dims.ep > 1 else 1,
     }

@@ -192,11 +192,6 @@ class DeepSeekV4ModelArgs(TrainingOptions, BaseModelArgs):
         validation = job_config.validation
         # the rotary tables cover the longest sequence the job runs (Titan validates at validation.seq_len)
         self.max_seq_len = max(seq_len, validation.seq_len if validation.enable else 0)
-        if job_config.parallelism.context_parallel_degree > 1:
-            raise ConfigError(
-                "context_parallel_degree > 1 is not supported by DeepSeek-V4 yet (the compressors pool "
-                "windows across the whole sequence); set --parallelism.context_parallel_degree 1"
-            )
         self.apply_section(job_config.deepseek_v4)
         from torchtitan.tools.utils import has_cuda_capability
 

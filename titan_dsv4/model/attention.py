@@ -19,6 +19,7 @@ from .context import INDEXER_STATS, ForwardContext
 from .documents import CompressionWindows
 from .kernels import ATTENTION_KERNELS, CompressedKV
 from .layers import ParamHolder, RMSNorm, apply_rope, unweighted_rms_norm
+from .sequence_shard import SequenceShard, SlotLayout
 
 RECALL_QUERIES = 32  # queries per row whose indexer recall is measured (training only, no gradient)
 
@@ -75,6 +76,24 @@ def gated_pool_windows(
     return (kv_slots * weights).sum(dim=2)
 
 
+def pool_slots(
+    kv: torch.Tensor,
+    gate: torch.Tensor,
+    ape: torch.Tensor,
+    slots: SlotLayout,
+    shard: SequenceShard,
+    overlap: bool,
+) -> torch.Tensor:
+    """Context parallelism: pool the windows that complete in this rank's chunks -> [B, local slots, d].
+
+    A window (and CSA's previous window) may begin in the previous chunk: those rows come with the halo
+    (``slots.halo_rows`` rows of the projections, exchanged with gradient). Slots holding no window pool
+    rows of their chunk and stay masked, so every rank's compressor joins backward.
+    """
+    rows = slots.halo_rows
+    return gated_pool_windows(shard.extend(kv, rows), shard.extend(gate, rows), ape, slots.local, overlap)
+
+
 def _entry_rope(entries: torch.Tensor, ctx: ForwardContext, ratio: int, windows: CompressionWindows | None):
     """Compress-table RoPE on entries at their window's first position (document-relative when packed)."""
     if windows is None:
@@ -94,6 +113,7 @@ class IndexerScoring:
     q: torch.Tensor  # [B, S, nI, dI]
     head_w: torch.Tensor  # [B, S, nI]
     picked: torch.Tensor | None = None  # [B, S, k] its top-k picks (-1 = none)
+    query_pos: torch.Tensor | None = None  # [S] global query positions under context parallelism
 
 
 class Indexer(nn.Module):
@@ -119,21 +139,35 @@ class Indexer(nn.Module):
         self.requires_grad_(self.learns)
 
     def scoring(
-        self, x: torch.Tensor, q_latent: torch.Tensor, ctx: ForwardContext, windows: CompressionWindows | None
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        ctx: ForwardContext,
+        windows: CompressionWindows | None,
+        slots: SlotLayout | None = None,
     ) -> IndexerScoring:
-        """Keys of the indexer's own compressed entries, its rope'd queries and head weights."""
+        """Keys of the indexer's own compressed entries, its rope'd queries and head weights.
+
+        Under context parallelism (``slots``) the keys are pooled where their window completes and
+        all-gathered into the global slots, so local queries score every causally visible entry.
+        """
         B, S, _ = x.shape
         ape = self.ape_param()
-        if windows is None:
+        if slots is not None:
+            keys = pool_slots(self.wkv(x), self.wgate(x), ape, slots, ctx.shard, overlap=True)
+            keys = ctx.shard.gather_chunks(_entry_rope(self.norm(keys), ctx, self.ratio, slots.local))
+        elif windows is None:
             keys = gated_pool(self.wkv(x), self.wgate(x), ape, self.ratio, overlap=True)
+            keys = _entry_rope(self.norm(keys), ctx, self.ratio, windows)
         else:
             keys = gated_pool_windows(self.wkv(x), self.wgate(x), ape, windows, overlap=True)
-        keys = _entry_rope(self.norm(keys), ctx, self.ratio, windows)
+            keys = _entry_rope(self.norm(keys), ctx, self.ratio, windows)
         q = self.wq_b(q_latent).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         cos, sin = ctx.rope.get("compress", S, q.dtype, ctx.positions)
         q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, S, nI, dI]
         head_w = self.weights_proj(x).float() * self.n_heads**-0.5  # [B, S, nI]
-        return IndexerScoring(keys, q, head_w)
+        query_pos = None if ctx.shard is None else ctx.shard.query_pos
+        return IndexerScoring(keys, q, head_w, query_pos=query_pos)
 
     def _chunk(self, B: int, T: int) -> int:
         """Queries per chunk: only [chunk, nI, T] scores live at once, never [S, nI, T]."""
@@ -147,36 +181,39 @@ class Indexer(nn.Module):
 
     @torch.no_grad()
     def pick_per_document(
-        self, s: IndexerScoring, ctx: ForwardContext, windows: CompressionWindows
+        self, s: IndexerScoring, ctx: ForwardContext, entry_docs: torch.Tensor
     ) -> torch.Tensor:
         """``pick`` for packed documents: each document's queries score exactly its own entries, as when the
         document is a row of its own (top-k breaks ReLU's exact-zero ties by the row it is given, so a
-        packed document picks what it picks alone). Picks index the row's entries; -1 = none."""
+        packed document picks what it picks alone). ``entry_docs`` [B, T]: each entry's document (-1 for
+        none); a document's entries are in order, and contiguous except under context parallelism, where
+        empty slots may lie between them. Picks index the row's entries; -1 = none."""
         B, S = s.q.shape[:2]
         T = s.keys.shape[1]
         picks = torch.full((B, S, min(self.topk, T)), -1, dtype=torch.long, device=s.q.device)
         docs = ctx.docs
         for b in range(B):
             for d in torch.unique(docs.doc_ids[b]).tolist():
-                entries = torch.nonzero(windows.doc_ids[b] == d).flatten()
+                entries = torch.nonzero(entry_docs[b] == d).flatten()
                 if entries.numel() == 0:
                     continue
-                e0, n = int(entries[0]), entries.numel()  # a document's windows are contiguous
+                n = entries.numel()
+                e0 = int(entries[0])
+                contiguous = int(entries[-1]) - e0 + 1 == n
+                keys = s.keys[b : b + 1, e0 : e0 + n] if contiguous else s.keys[b : b + 1, entries]
                 queries = torch.nonzero(docs.doc_ids[b] == d).flatten()
                 q0, q1 = int(queries[0]), int(queries[-1]) + 1
                 step = self._chunk(1, n)
                 for i in range(q0, q1, step):
                     j = min(i + step, q1)
-                    scores = self._scores(
-                        s.q[b : b + 1, i:j], s.keys[b : b + 1, e0 : e0 + n], s.head_w[b : b + 1, i:j]
-                    )
+                    scores = self._scores(s.q[b : b + 1, i:j], keys, s.head_w[b : b + 1, i:j])
                     local = (docs.positions[b, i:j] + 1) // self.ratio
                     allowed = torch.arange(n, device=s.q.device)[None, :] < local[:, None]
                     picked = (
                         scores[0].masked_fill(~allowed, float("-inf")).topk(min(self.topk, n), dim=-1).indices
                     )
                     picks[b, i:j, : picked.shape[1]] = torch.where(
-                        allowed.gather(-1, picked), picked + e0, -1
+                        allowed.gather(-1, picked), entries[picked], -1
                     )
         return picks
 
@@ -192,16 +229,21 @@ class Indexer(nn.Module):
         for i in range(0, S, self._chunk(B, T)):
             q, head_w = s.q[:, i : i + self._chunk(B, T)], s.head_w[:, i : i + self._chunk(B, T)]
             scores = self._scores(q, s.keys, head_w)
-            allowed = self._allowed(B, i, q.shape[1], T, seen, q.device)
+            allowed = self._allowed(B, i, q.shape[1], T, seen, q.device, s.query_pos)
             picked = scores.masked_fill(~allowed, float("-inf")).topk(min(self.topk, T), dim=-1).indices
             picks.append(torch.where(allowed.gather(-1, picked), picked, torch.full_like(picked, -1)))
         return torch.cat(picks, dim=1)
 
-    def _allowed(self, B: int, start: int, n: int, T: int, seen: torch.Tensor | None, device) -> torch.Tensor:
-        """[B, n, T] bool: the entries queries start..start+n may see."""
+    def _allowed(
+        self, B: int, start: int, n: int, T: int, seen: torch.Tensor | None, device, query_pos=None
+    ) -> torch.Tensor:
+        """[B, n, T] bool: the entries queries start..start+n may see (by global position under CP)."""
         if seen is not None:
             return seen[:, start : start + n]
-        positions = torch.arange(start, start + n, device=device)
+        if query_pos is None:
+            positions = torch.arange(start, start + n, device=device)
+        else:
+            positions = query_pos[start : start + n]
         causal = torch.arange(T, device=device)[None, :] < ((positions + 1) // self.ratio)[:, None]
         return causal.expand(B, n, T)
 
@@ -220,7 +262,7 @@ class Indexer(nn.Module):
             if picked is not None:
                 sel = picked[:, i : i + step]
             else:
-                sel = self._allowed(B, i, min(step, S - i), T, seen, s.q.device)
+                sel = self._allowed(B, i, min(step, S - i), T, seen, s.q.device, s.query_pos)
             kl, n = checkpoint(
                 self._chunk_kl,
                 s.q[:, i : i + step],
@@ -282,6 +324,8 @@ class Compressor(nn.Module):
         zero-padded window whose entry no query sees, so outputs are unchanged and the parameters join
         backward with zero gradient.
         """
+        if ctx.shard is not None:
+            return self._forward_sharded(x, q_latent, ctx)
         B, S, _ = x.shape
         windows = ctx.windows(self.ratio) if ctx.docs is not None else None
         n_entries = S // self.ratio if windows is None else windows.start.shape[1]
@@ -307,10 +351,33 @@ class Compressor(nn.Module):
         if windows is None:
             scoring.picked = self.indexer.pick(scoring, None)
         else:
-            scoring.picked = self.indexer.pick_per_document(scoring, ctx, windows)
+            scoring.picked = self.indexer.pick_per_document(scoring, ctx, windows.doc_ids)
         if ctx.indexer_dense:  # warm-up: the main attention sees every visible entry
             return CompressedKV(entries, self.ratio, seen=seen), scoring
         return CompressedKV(entries, self.ratio, scoring.picked, seen=seen), scoring
+
+    def _forward_sharded(
+        self, x: torch.Tensor, q_latent: torch.Tensor, ctx: ForwardContext
+    ) -> tuple[CompressedKV, IndexerScoring | None]:
+        """``forward`` under context parallelism: pool where each window completes, all-gather the entries
+        into the global slots (``sequence_shard.py``). Every rank pools its slots, a window or not, so the
+        HCA path joins backward everywhere and needs no synthetic window."""
+        shard = ctx.shard
+        slots = shard.slots(self.ratio, self.overlap)
+        entries = pool_slots(self.wkv(x), self.wgate(x), self.ape_param(), slots, shard, self.overlap)
+        entries = shard.gather_chunks(_entry_rope(self.norm(entries), ctx, self.ratio, slots.local))
+        seen, query_pos = shard.seen(slots, ctx.docs), shard.query_pos
+        if self.indexer is None:
+            return CompressedKV(entries, self.ratio, seen=seen, query_pos=query_pos), None
+        learns = self.indexer.learns and ctx.indexer_loss
+        with torch.set_grad_enabled(learns and torch.is_grad_enabled()):
+            scoring = self.indexer.scoring(x.detach(), q_latent.detach(), ctx, None, slots=slots)
+        if ctx.docs is None:
+            scoring.picked = self.indexer.pick(scoring, None)
+        else:
+            scoring.picked = self.indexer.pick_per_document(scoring, ctx, slots.doc_ids)
+        picked = None if ctx.indexer_dense else scoring.picked  # warm-up: every visible entry
+        return CompressedKV(entries, self.ratio, picked, seen=seen, query_pos=query_pos), scoring
 
 
 class Attention(nn.Module):
@@ -351,8 +418,10 @@ class Attention(nn.Module):
         compressed, scoring = (None, None) if self.compressor is None else self.compressor(x, q_latent, ctx)
         distil = scoring is not None and ctx.indexer_loss and self.compressor.indexer.learns
         doc_ids = None if ctx.docs is None else ctx.docs.doc_ids
+        # Context parallelism: the chunks' first queries see the previous chunk's last W keys (a halo).
+        halo = None if ctx.shard is None else ctx.shard.window_halo(kv, self.window, doc_ids)
         out = self.attention_kernel(
-            q, kv, self.sinks_param(), self.window, compressed, doc_ids, self.fp32_logits, distil
+            q, kv, self.sinks_param(), self.window, compressed, doc_ids, self.fp32_logits, distil, halo
         )
         out, target = out if distil else (out, None)
         stats = None
@@ -360,7 +429,7 @@ class Attention(nn.Module):
             ctx.indexer_loss or ctx.measure_indexer
         ):  # every rank reports the same fields
             stats = (
-                self.indexer_stats(q, kv, compressed, scoring, target, ctx)
+                self.indexer_stats(q, kv, compressed, scoring, target, ctx, halo)
                 if scoring is not None
                 else (q.new_zeros(len(INDEXER_STATS), dtype=torch.float32))
             )
@@ -370,21 +439,33 @@ class Attention(nn.Module):
         out = torch.einsum("bsgi,goi->bsgo", out, w).flatten(2)
         return self.wo_b(out), stats
 
-    def indexer_stats(self, q, kv, compressed, scoring, target, ctx) -> torch.Tensor:
+    def indexer_stats(self, q, kv, compressed, scoring, target, ctx, halo=None) -> torch.Tensor:
         """[KL sum, KL queries, recall hits, recall total, recall chance] of this CSA layer (context.py)."""
         indexer = self.compressor.indexer
         kl, n = (scoring.head_w.new_zeros(()),) * 2
         if target is not None:
             kl, n = indexer.kl_sum(scoring, target, compressed.seen, compressed.picked)
         with torch.no_grad():
-            recall = self.sampled_recall(q, kv, compressed, scoring, indexer, ctx)
+            recall = self.sampled_recall(q, kv, compressed, scoring, indexer, ctx, halo)
         return torch.cat([torch.stack([kl, n]).float(), recall])
 
     @torch.no_grad()
-    def sampled_recall(self, q, kv, compressed, scoring, indexer, ctx) -> torch.Tensor:
+    def sampled_recall(self, q, kv, compressed, scoring, indexer, ctx, halo=None) -> torch.Tensor:
         """(hits, total, chance) over up to RECALL_QUERIES queries per row that see more than index_topk
-        entries: of the main attention's top-k entries, computed densely, how many the indexer picks."""
+        entries: of the main attention's top-k entries, computed densely, how many the indexer picks.
+        Under context parallelism each rank samples its own queries (the halo keys join the normaliser)."""
         B, H, S, d = q.shape
+        if halo is None:
+            key_pos, key_ok = (
+                torch.arange(S, device=q.device),
+                torch.ones(S, dtype=torch.bool, device=q.device),
+            )
+            query_pos = key_pos
+        else:
+            key_pos = torch.cat([halo.key_pos.flatten(), halo.query_pos])
+            halo_ok = (halo.key_pos >= 0) & ~halo.local_predecessor[:, None]
+            key_ok = torch.cat([halo_ok.flatten(), torch.ones_like(halo.query_pos, dtype=torch.bool)])
+            query_pos = halo.query_pos
         seen = compressed.visible_all(S)  # [B, S, T]
         counts = seen.sum(-1)  # [B, S]
         stats = q.new_zeros(3, dtype=torch.float32)
@@ -398,16 +479,22 @@ class Attention(nn.Module):
                 torch.einsum("hqd,td->hqt", q[b, :, rows].float(), compressed.entries[b].float()) * d**-0.5
             )
             # the per-head softmax normaliser includes the query's window keys and the sink
-            keys = kv[b].float()
-            j = torch.arange(S, device=q.device)
-            band = (rows[:, None] - j[None, :] >= 0) & (rows[:, None] - j[None, :] < self.window)
+            keys = kv[b].float() if halo is None else torch.cat([halo.kv[b].flatten(0, 1), kv[b]]).float()
+            delta = query_pos[rows][:, None] - key_pos[None, :]
+            band = (delta >= 0) & (delta < self.window) & key_ok[None, :]
             if ctx.docs is not None:
-                band &= ctx.docs.doc_ids[b, rows][:, None] == ctx.docs.doc_ids[b][None, :]
+                key_docs = (
+                    ctx.docs.doc_ids[b]
+                    if halo is None
+                    else torch.cat([halo.key_docs[b].flatten(), ctx.docs.doc_ids[b]])
+                )
+                band &= ctx.docs.doc_ids[b, rows][:, None] == key_docs[None, :]
             logits_w = torch.einsum("hqd,jd->hqj", q[b, :, rows].float(), keys) * d**-0.5
             logits_w = logits_w.masked_fill(~band, float("-inf"))
             logits = logits.masked_fill(~seen[b, rows], float("-inf"))
             sinks = self.sinks_param().float().view(H, 1, 1).expand(H, rows.numel(), 1)
-            probs = torch.cat([logits_w, logits, sinks], dim=-1).softmax(-1)[..., S : S + logits.shape[-1]]
+            K = keys.shape[0]
+            probs = torch.cat([logits_w, logits, sinks], dim=-1).softmax(-1)[..., K : K + logits.shape[-1]]
             top = probs.sum(0).topk(k, dim=-1).indices  # [q, k]
             mine = scoring.picked[b, rows]
             hits = (top[:, :, None] == mine[:, None, :]).any(-1).sum()

@@ -8,6 +8,7 @@ import torch
 
 from .documents import CompressionWindows, Documents
 from .layers import RotaryTables
+from .sequence_shard import SequenceShard
 
 # A CSA layer's indexer statistics, one fp32 vector per layer (summed over layers by the model): the KL
 # sum (with gradient into the indexer) and the queries it covers; of the sampled recall, the hits, the
@@ -26,12 +27,16 @@ class ForwardContext:
     indexer_dense: bool = False  # the indexer's dense warm-up: CSA attends every visible entry
     indexer_loss: bool = False  # distil the main attention into the indexer (KL, with gradient)
     measure_indexer: bool = False  # sample the indexer's recall of the main attention's top entries
+    shard: SequenceShard | None = None  # context parallelism: this rank's chunks of the global sequence
     _windows: dict = field(default_factory=dict)
 
     @property
     def positions(self) -> torch.Tensor | None:
-        """[B, S] RoPE positions (restarting at each document), or None for 0..S-1."""
-        return None if self.docs is None else self.docs.positions
+        """RoPE positions: [B, S] restarting at each document, else the global positions [S] under context
+        parallelism, else None for 0..S-1."""
+        if self.docs is not None:
+            return self.docs.positions
+        return None if self.shard is None else self.shard.query_pos
 
     def windows(self, ratio: int) -> CompressionWindows:
         """The documents' complete windows of ``ratio`` tokens, computed once per forward and ratio."""

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .sequence_shard import WindowHalo
+
 
 @dataclass
 class CompressedKV:
@@ -31,6 +33,8 @@ class CompressedKV:
     picked: torch.Tensor | None = None  # CSA: [B, S, k] entry indices, -1 = select nothing
     hidden: bool = False  # HCA alignment's synthetic entry: no query sees it
     seen: torch.Tensor | None = None  # [B, S, T] visibility when not the causal rule (packed documents)
+    # Context parallelism: the queries' global positions [S] (the causal rule is by global position)
+    query_pos: torch.Tensor | None = None
 
     def visible_all(self, seq_len: int) -> torch.Tensor:
         """[B, S, T] bool: every entry a query may attend when all visible entries count (picks ignored)."""
@@ -39,7 +43,9 @@ class CompressedKV:
             return torch.zeros(B, seq_len, T, dtype=torch.bool, device=self.entries.device)
         if self.seen is not None:
             return self.seen
-        return causal_entries(seq_len, T, self.ratio, self.entries.device).expand(B, seq_len, T)
+        return causal_entries(seq_len, T, self.ratio, self.entries.device, self.query_pos).expand(
+            B, seq_len, T
+        )
 
     def visible(self, seq_len: int) -> torch.Tensor:
         """[B, S, T] bool visibility of what attention uses (materialised; the reference path only)."""
@@ -52,9 +58,12 @@ class CompressedKV:
         return visible.scatter_(-1, slots, True)[..., :T]
 
 
-def causal_entries(seq_len: int, n_entries: int, ratio: int, device: torch.device) -> torch.Tensor:
-    """[S, T] bool: query t sees entry w iff the window's last token is at or before t."""
-    t = torch.arange(seq_len, device=device)
+def causal_entries(
+    seq_len: int, n_entries: int, ratio: int, device: torch.device, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[S, T] bool: query t (at ``positions[t]`` under context parallelism) sees entry w iff the window's
+    last token is at or before it."""
+    t = torch.arange(seq_len, device=device) if positions is None else positions
     w = torch.arange(n_entries, device=device)
     return w[None, :] < ((t + 1) // ratio)[:, None]
 
@@ -89,13 +98,16 @@ class _Fp32Einsum(torch.autograd.Function):
     def forward(ctx, equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ctx.equation = equation
         ctx.save_for_backward(a, b)
-        return torch.einsum(equation, a.float(), b.float())
+        # fp32 also under autocast (single-process bf16 runs autocast), which would recast the product
+        with torch.autocast(a.device.type, enabled=False):
+            return torch.einsum(equation, a.float(), b.float())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         a, b = ctx.saved_tensors
         operands, out = ctx.equation.split("->")
         a_idx, b_idx = operands.split(",")
+        grad = grad.float()
         grad_a = torch.einsum(f"{out},{b_idx}->{a_idx}", grad, b.float()).to(a.dtype)
         grad_b = torch.einsum(f"{out},{a_idx}->{b_idx}", grad, a.float()).to(b.dtype)
         return None, grad_a, grad_b
@@ -123,10 +135,19 @@ def dense_attention(
     doc_ids: torch.Tensor | None = None,
     fp32_logits: bool = False,
     entry_probs: bool = False,
+    halo: WindowHalo | None = None,
 ):
-    """Reference MQA over [S window keys | T entries]: q [B, H, S, d], kv [B, S, d] -> [B, H, S, d]."""
+    """Reference MQA over [S window keys | T entries]: q [B, H, S, d], kv [B, S, d] -> [B, H, S, d].
+
+    Under context parallelism (``halo``) the window keys are [the chunks' halos | the local keys], masked
+    by global position and global document.
+    """
     B, H, S, d = q.shape
-    visible = window_mask(S, window, q.device, doc_ids).expand(B, S, S)
+    if halo is None:
+        visible = window_mask(S, window, q.device, doc_ids).expand(B, S, S)
+    else:
+        kv, visible = _keys_with_halo(kv, window, doc_ids, halo)
+    n_keys = kv.shape[1]
     T = 0
     if compressed is not None:
         T = compressed.entries.shape[1]
@@ -141,10 +162,59 @@ def dense_attention(
     out = torch.matmul(probs, kv.unsqueeze(1))
     if not entry_probs:
         return out
-    p = _entry_probs(probs[..., S : S + T])
+    p = _entry_probs(probs[..., n_keys : n_keys + T])
     if compressed is not None and compressed.picked is not None:  # the picks' order, as the sparse path
         p = p.gather(-1, compressed.picked.clamp(min=0)).masked_fill(compressed.picked < 0, 0.0)
     return out, p
+
+
+def _keys_with_halo(kv: torch.Tensor, window: int, doc_ids: torch.Tensor | None, halo: WindowHalo):
+    """The dense reference's window keys under context parallelism and their [B, S, n_keys] band.
+
+    A halo row that is also a local key (the rank holds the predecessor chunk too) is masked, so that no
+    key counts twice.
+    """
+    B = kv.shape[0]
+    keys = torch.cat([halo.kv.flatten(1, 2).to(kv.dtype), kv], dim=1)
+    halo_ok = (halo.key_pos >= 0) & ~halo.local_predecessor[:, None]
+    key_pos = torch.cat([halo.key_pos.flatten(), halo.query_pos])
+    key_ok = torch.cat([halo_ok.flatten(), torch.ones_like(halo.query_pos, dtype=torch.bool)])
+    delta = halo.query_pos[:, None] - key_pos[None, :]
+    band = ((delta >= 0) & (delta < window) & key_ok[None, :]).expand(B, -1, -1)
+    if doc_ids is None:
+        return keys, band
+    key_docs = torch.cat([halo.key_docs.flatten(1), doc_ids], dim=1)
+    return keys, band & (doc_ids[:, :, None] == key_docs[:, None, :])
+
+
+def _halo_blocks(blocks: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Per query block, the block before it: the local one, or for a chunk's first block ``first``.
+
+    blocks [B, n, W, ...] (n = n_local_chunks x blocks per chunk), first [B, n_local_chunks, W, ...].
+    """
+    B, n = blocks.shape[:2]
+    n_local = first.shape[1]
+    per_chunk = blocks.view(B, n_local, n // n_local, *blocks.shape[2:])
+    return torch.cat([first.unsqueeze(2), per_chunk[:, :, :-1]], dim=2).view(blocks.shape)
+
+
+def _window_allowed_halo(n_blocks: int, W: int, doc_ids: torch.Tensor | None, halo: WindowHalo):
+    """``_window_allowed`` under context parallelism: a chunk's first block looks back into its halo,
+    which exists unless the chunk starts the sequence."""
+    device = halo.kv.device
+    i = torch.arange(W, device=device)[:, None]
+    j = torch.arange(2 * W, device=device)[None, :]
+    band = (j > i) & (j <= i + W)
+    n_local = halo.key_pos.shape[0]
+    has_prev = torch.ones(n_local, n_blocks // n_local, dtype=torch.bool, device=device)
+    has_prev[:, 0] = halo.key_pos[:, -1] >= 0
+    allowed = band & ~(~has_prev.view(n_blocks, 1, 1) & (j < W))
+    if doc_ids is None:
+        return allowed
+    B = doc_ids.shape[0]
+    docs = doc_ids.view(B, n_blocks, W)
+    key_docs = torch.cat([_halo_blocks(docs, halo.key_docs), docs], dim=2)  # [B, n, 2W]
+    return allowed & (docs[..., :, None] == key_docs[..., None, :])
 
 
 def _window_allowed(n_blocks: int, W: int, device, doc_ids: torch.Tensor | None, pad: int):
@@ -172,8 +242,13 @@ def sparse_attention(
     doc_ids: torch.Tensor | None = None,
     fp32_logits: bool = False,
     entry_probs: bool = False,
+    halo: WindowHalo | None = None,
 ):
-    """Same result as ``dense_attention`` without any [S x S] tensor (see the module docstring)."""
+    """Same result as ``dense_attention`` without any [S x S] tensor (see the module docstring).
+
+    Under context parallelism (``halo``; chunks are whole multiples of W) a chunk's first query block
+    looks back into the previous chunk's last W keys instead of a local block.
+    """
     B, H, S, d = q.shape
     W = window
     n_blocks = -(-S // W)
@@ -181,9 +256,14 @@ def sparse_attention(
     # Window: query block n sees key blocks n-1 and n; keys padded with zeros where none exist.
     qb = F.pad(q, (0, 0, 0, pad)).view(B, H, n_blocks, W, d)
     kvb = F.pad(kv, (0, 0, 0, pad)).view(B, n_blocks, W, d)
-    keys = torch.cat([F.pad(kvb[:, :-1], (0, 0, 0, 0, 1, 0)), kvb], dim=2)  # [B, n, 2W, d]
+    if halo is None:
+        previous = F.pad(kvb[:, :-1], (0, 0, 0, 0, 1, 0))
+        allowed = _window_allowed(n_blocks, W, q.device, doc_ids, pad)
+    else:
+        previous = _halo_blocks(kvb, halo.kv.to(kv.dtype))
+        allowed = _window_allowed_halo(n_blocks, W, doc_ids, halo)
+    keys = torch.cat([previous, kvb], dim=2)  # [B, n, 2W, d]
     logits_w = _logits(qb, keys, "bhnqd,bnkd->bhnqk", fp32_logits)  # [B, H, n, W, 2W]
-    allowed = _window_allowed(n_blocks, W, q.device, doc_ids, pad)
     if allowed.dim() == 4:
         allowed = allowed.unsqueeze(1)
     logits_w = logits_w.masked_fill(~allowed, float("-inf")).reshape(B, H, n_blocks * W, 2 * W)[:, :, :S]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torchtitan.protocols.model import ModelProtocol
 
@@ -20,6 +21,7 @@ from .documents import Documents
 from .hyper_connection import HyperConnection, HyperHead, hyper_residual
 from .layers import RMSNorm, RotaryTables
 from .moe import DeepSeekV4MoE
+from .sequence_shard import SequenceShard
 
 
 class TransformerBlock(nn.Module):
@@ -121,6 +123,8 @@ class TrainingOutputs:
     n_csa_layers: int
     metrics: StepMetrics
     indexer_warmup: bool = False  # the dense warm-up: only the indexer learns (the LM loss trains nothing)
+    # context parallelism: MTP targets labels[t+k] may live on another shard (mtp_valid is then [B, S])
+    shard: SequenceShard | None = None
 
 
 class StepMetrics:
@@ -173,10 +177,17 @@ class DeepSeekV4Model(ModelProtocol):
         self.step_metrics = StepMetrics()
         self.training_clock = None  # bound by the train spec's LR-scheduler builder (infra/optimizer.py)
         self.training_step = 1  # the step when no clock is bound (a model driven by hand)
+        # Context parallelism (bound by parallelize): the cp group and how many chunks a rank holds.
+        self.cp_group = None
+        self.cp_chunks_per_rank = 1
 
     def bind_training_clock(self, clock) -> None:
         """``clock.step``: the 1-based step the next training forward belongs to (the indexer's warm-up)."""
         self.training_clock = clock
+
+    def set_context_parallel(self, group, chunks_per_rank: int) -> None:
+        """Bind the ``cp`` mesh's group; forward then takes Titan's sharded inputs and their positions."""
+        self.cp_group, self.cp_chunks_per_rank = group, chunks_per_rank
 
     def set_training_step(self, step: int) -> None:
         """Drive the step by hand (no clock bound)."""
@@ -190,10 +201,16 @@ class DeepSeekV4Model(ModelProtocol):
         mtp = list(self.mtp.layers.values()) if hasattr(self, "mtp") else []
         return list(self.layers.values()) + [getattr(d, "_checkpoint_wrapped_module", d).block for d in mtp]
 
-    def forward(self, tokens: torch.Tensor, **kwargs):
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, **kwargs):
+        """``positions``: the tokens' global positions, which Titan passes under context parallelism."""
         check_token_ids(tokens, self.vocab_size)
         args = self.model_args
-        docs = Documents.from_tokens(tokens, args.eos_id) if args.attn_mask_type == "block_causal" else None
+        packed = args.attn_mask_type == "block_causal"
+        shard = self.sequence_shard(tokens, positions)
+        if shard is not None:
+            docs = shard.local_docs()
+        else:
+            docs = Documents.from_tokens(tokens, args.eos_id) if packed else None
         learn_indexer = self.training and args.indexer_loss_weight > 0
         ctx = ForwardContext(
             self.rope,
@@ -202,6 +219,7 @@ class DeepSeekV4Model(ModelProtocol):
             indexer_dense=learn_indexer and self.current_step() <= args.indexer_warmup_steps,
             indexer_loss=learn_indexer,
             measure_indexer=self.training and (learn_indexer or args.log_indexer_recall),
+            shard=shard,
         )
         ctx.hca_synthetic_window = self.hca_needs_synthetic_window(ctx)
         h = self.tok_embeddings(tokens)
@@ -215,11 +233,15 @@ class DeepSeekV4Model(ModelProtocol):
         mtp_valid = []
         if self.training and hasattr(self, "mtp") and self.mtp.trains:
             for k, depth in enumerate(self.mtp.layers.values(), start=1):
-                streams, h_k = depth(streams, self.tok_embeddings(shifted(tokens, k)), ctx)
+                ahead = shifted(tokens, k) if shard is None else shard.ahead(k)
+                streams, h_k = depth(streams, self.tok_embeddings(ahead), ctx)
                 hidden.append(h_k)
-                mtp_valid.append(
-                    mtp_targets_in_document(tokens, k, args.eos_id if docs is not None else None)
-                )
+                eos_id = args.eos_id if docs is not None else None
+                if shard is None:
+                    mtp_valid.append(mtp_targets_in_document(tokens, k, eos_id))
+                else:  # by the global tokens, at the local positions: [B, S_local]
+                    valid = F.pad(mtp_targets_in_document(shard.tokens, k, eos_id), (0, k), value=False)
+                    mtp_valid.append(shard.local(valid))
         if len(hidden) == 1 and stats is None:
             return self.lm_head(hidden[0])
         S = tokens.shape[1]
@@ -233,7 +255,28 @@ class DeepSeekV4Model(ModelProtocol):
             n_csa_layers=self.n_csa_layers,
             metrics=self.step_metrics,
             indexer_warmup=ctx.indexer_dense,
+            shard=shard,
         )
+
+    def sequence_shard(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> SequenceShard | None:
+        """This rank's chunks of the global sequence under context parallelism, else None."""
+        if self.cp_group is None:
+            if positions is not None and not torch.equal(
+                positions.reshape(-1, tokens.shape[1])[0].long(),
+                torch.arange(tokens.shape[1], device=tokens.device),
+            ):
+                raise ValueError(
+                    "positions other than 0..S-1 need a context-parallel group (parallelize_deepseek_v4 "
+                    "binds it when parallelism.context_parallel_degree > 1)"
+                )
+            return None
+        if positions is None:
+            raise ValueError(
+                "context parallelism is bound but forward got no positions: pass the global positions of the "
+                "local tokens (Titan's prepare_context_parallel_input does)"
+            )
+        eos_id = self.model_args.eos_id if self.model_args.attn_mask_type == "block_causal" else None
+        return SequenceShard(tokens, positions, self.cp_group, self.cp_chunks_per_rank, eos_id)
 
     def get_attention_masks(self, input_batch, tokenizer=None, extra_inputs=None) -> None:
         """No external masks: DeepSeek-V4 builds its masks inside attention, from the token ids when packed
@@ -253,7 +296,9 @@ class DeepSeekV4Model(ModelProtocol):
         """
         compressors = self.hca_compressors() if self.training else []
         group = compressors[0].hca_param_sync_group if compressors else None
-        if group is None:
+        if group is None or ctx.shard is not None:
+            # Under context parallelism every rank pools all its slots (masked where no window completes),
+            # so the HCA path joins backward on every rank of the group without a synthetic window.
             return False
         seq_len, ratio = ctx.tokens.shape[-1], compressors[0].ratio
         if seq_len == 0:
