@@ -102,6 +102,31 @@ def block_activation_terms(a: DeepSeekV4ModelArgs, ratio: int, seq_len: int, c: 
     }
 
 
+def cp_exchange_saved(a: DeepSeekV4ModelArgs, ratio: int, training: Training) -> int:
+    """Under CP, what one block saves of the exchanges (``model/sequence_shard.py``): the all-gathered
+    entries of the whole sequence (CSA: also the indexer's keys) and the halo of the sliding window."""
+    if training.cp <= 1:
+        return 0
+    B, S, c = training.local_batch_size, training.seq_len, training.compute_bytes
+    return B * (gathered_entry_bytes(a, ratio, S, c) + cp_halo_bytes(a, ratio, training))
+
+
+def gathered_entry_bytes(a: DeepSeekV4ModelArgs, ratio: int, seq_len: int, c: int) -> int:
+    """A row's compressed entries over the whole sequence (CSA: with the indexer's keys), in bytes."""
+    if not ratio:
+        return 0
+    width = a.head_dim + (a.index_head_dim if ratio == a.csa_ratio else 0)
+    return (seq_len // ratio) * width * c
+
+
+def cp_halo_bytes(a: DeepSeekV4ModelArgs, ratio: int, training: Training) -> int:
+    """A row's halo on one rank: the previous chunk's last window of K=V rows for each of its chunks (and a
+    compressor's previous window of kv and gate projections)."""
+    width = (2 if ratio == a.csa_ratio else 1) * a.head_dim
+    rows = a.sliding_window * a.head_dim + (2 * ratio * width if ratio else 0)
+    return training.cp_chunks_per_rank * rows * training.compute_bytes
+
+
 def block_sequence_bytes(a: DeepSeekV4ModelArgs, seq_len: int, c: int) -> int:
     """Saved once per microbatch, not per row: the rotary cos/sin of three rotations, the window mask (and
     the router weight's fp32 copy when the router computes in fp32)."""
@@ -191,12 +216,17 @@ def activation_estimate(
 ) -> Activations:
     """Activation memory of one microbatch under the AC mode (the model: see the module docstring)."""
     m = running_mtp_layers(a, mtp_layers)
-    S, c, T = training.seq_len, training.compute_bytes, training.tokens
+    # Under CP a rank holds T = tokens / cp; what a query sees (entries, picks) still spans the whole S.
+    S, c, T = training.seq_len, training.compute_bytes, training.local_tokens
     n, D, f = a.hc_mult, a.dim, FP32
 
     def block(terms: float, ratio: int, inputs: int, extra_mm: int = 0) -> BlockActivations:
         return BlockActivations(
-            saved=int(T * terms + block_sequence_bytes(a, S, c)),
+            saved=int(
+                T * terms
+                + block_sequence_bytes(a, S // training.cp, c)
+                + cp_exchange_saved(a, ratio, training)
+            ),
             kept=T * (inputs * c + 8),  # its streams (and embedding) and the token ids
             half_matmuls=T * (_matmul_output_bytes(a, ratio, c) + extra_mm) / 2,
             backward=T * (2 * n * D * c + 2 * _largest_tensor_bytes(a, ratio, S, c)),

@@ -7,7 +7,14 @@ from dataclasses import asdict, dataclass, replace
 from titan_dsv4.model.accounting import MTP_PREFIX
 from titan_dsv4.model.args import ConfigError, DeepSeekV4ModelArgs
 
-from .activations import Activations, activation_estimate, recomputed_units, running_mtp_layers
+from .activations import (
+    Activations,
+    activation_estimate,
+    cp_halo_bytes,
+    gathered_entry_bytes,
+    recomputed_units,
+    running_mtp_layers,
+)
 from .layout import GIB, Layout, Training
 from .units import Unit, analytic_units
 
@@ -128,6 +135,7 @@ def estimate(
         collectives={
             **fsdp_traffic(units, training),
             "all_to_all": all_to_all_bytes(a, layout, training, mtp_layers),
+            **({"cp_exchange": cp_exchange_bytes(a, training, mtp_layers)} if layout.cp > 1 else {}),
         },
         mtp_layers=mtp_layers,
         mtp_from_shapes=from_shapes,
@@ -135,11 +143,11 @@ def estimate(
 
 
 def refuse_unmodelled_parallelism(layout: Layout) -> None:
-    """No figure for context or pipeline parallelism until their terms exist (the package docstring)."""
-    if layout.cp > 1 or layout.pp > 1:
+    """No figure for pipeline parallelism until its terms exist (the package docstring)."""
+    if layout.pp > 1:
         raise ConfigError(
-            f"the memory planner does not model context or pipeline parallelism yet ({layout.describe()}); "
-            "plan with --parallelism.context_parallel_degree 1 --parallelism.pipeline_parallel_degree 1"
+            f"the memory planner does not model pipeline parallelism yet ({layout.describe()}); "
+            "plan with --parallelism.pipeline_parallel_degree 1"
         )
 
 
@@ -192,11 +200,30 @@ def all_to_all_bytes(a: DeepSeekV4ModelArgs, layout: Layout, training: Training,
     """
     if layout.ep <= 1:
         return 0.0
-    copies = training.tokens * a.moe_args.top_k * a.dim * training.compute_bytes * (layout.ep - 1) / layout.ep
+    copies = (
+        training.local_tokens
+        * a.moe_args.top_k
+        * a.dim
+        * training.compute_bytes
+        * (layout.ep - 1)
+        / layout.ep
+    )
     units = len(a.compress_ratios) + running_mtp_layers(a, mtp_layers)
     # Forward and backward of every MoE layer, and forward again for each unit AC recomputes.
     passes = 2 * units + recomputed_units(training, units)
     return 2 * copies * passes * training.microbatches
+
+
+def cp_exchange_bytes(a: DeepSeekV4ModelArgs, training: Training, mtp_layers: int) -> float:
+    """Per rank per step under CP: each compressed layer's all-gather of the entries (the others' (cp-1)/cp
+    of them) and its reduce-scatter in backward, and every layer's halo, in forward, backward and again for
+    the units AC recomputes."""
+    cp, S, c, B = training.cp, training.seq_len, training.compute_bytes, training.local_batch_size
+    ratios = list(a.compress_ratios) + [0] * running_mtp_layers(a, mtp_layers)
+    gathers = sum(gathered_entry_bytes(a, r, S, c) for r in ratios) * (cp - 1) / cp
+    halos = sum(cp_halo_bytes(a, r, training) for r in ratios)
+    passes = 2 + recomputed_units(training, len(ratios)) / max(1, len(ratios))
+    return B * (gathers + halos) * passes * training.microbatches
 
 
 def buffer_bytes(a: DeepSeekV4ModelArgs, seq_len: int) -> int:

@@ -16,8 +16,8 @@ class Layout:
     """How the ranks split the model, as Titan's ``ParallelDims`` does: world = dp_replicate x dp_shard x cp
     x pp; FSDP shards over dp_shard x cp; EP borrows ep of those ranks.
 
-    cp and pp are here so that their terms can be added (see the package docstring); the estimate refuses
-    them until it models them.
+    cp is modelled (each rank holds seq_len / cp tokens; ``Training.cp``); pp is here so that its terms can
+    be added (see the package docstring); the estimate refuses it until it models it.
     """
 
     dp_replicate: int
@@ -102,10 +102,18 @@ class Training:
     reshard_after_forward: bool = True
     microbatches: int = 1  # gradient accumulation steps
     cpu_offload: bool = False
+    cp: int = 1  # context parallelism: a rank holds seq_len / cp tokens of each row
+    cp_chunks_per_rank: int = 2  # Titan's head-tail load balancer (1: contiguous shards)
 
     @property
     def tokens(self) -> int:
+        """Tokens of the local batch's rows, whole (what the sequence-wide terms scale with)."""
         return self.seq_len * self.local_batch_size
+
+    @property
+    def local_tokens(self) -> int:
+        """Tokens this rank holds: the rows' tokens, divided over the context-parallel ranks."""
+        return self.tokens // self.cp
 
     @property
     def compute_bytes(self) -> int:
@@ -129,11 +137,14 @@ class Training:
             reshard_after_forward=policy != "never",  # "default" reshards without pipeline parallelism
             microbatches=max(1, t.global_batch_size // per_step) if t.global_batch_size > 0 else 1,
             cpu_offload=t.enable_cpu_offload,
+            cp=layout.cp,
+            cp_chunks_per_rank=1 if job_config.parallelism.context_parallel_load_balancer is None else 2,
         )
 
     def describe(self) -> str:
         ac = self.ac_mode if self.ac_mode != "selective" else f"selective {self.selective_ac_option}"
+        shard = f" ({self.seq_len // self.cp} per cp rank)" if self.cp > 1 else ""
         return (
-            f"seq_len {self.seq_len} x local_batch_size {self.local_batch_size}, AC {ac}, "
+            f"seq_len {self.seq_len}{shard} x local_batch_size {self.local_batch_size}, AC {ac}, "
             f"{self.compute_dtype} compute"
         )

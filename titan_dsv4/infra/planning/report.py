@@ -44,6 +44,7 @@ _COLLECTIVE_ROWS = {
     "reduce_scatter": ("reduce-scatter ({reduce})", ""),
     "all_reduce": ("all-reduce (HSDP replicas)", ""),
     "all_to_all": ("all-to-all (EP dispatch + combine)", "forward, backward, AC recompute"),
+    "cp_exchange": ("CP exchange (entries + halo)", "all-gather, reduce-scatter, halo sends"),
 }
 
 
