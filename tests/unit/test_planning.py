@@ -267,11 +267,15 @@ def test_smallest_layout_fits_and_nothing_smaller_does():
     assert best and all(e.fits(80 * GIB) and e.layout.world == best[0].layout.world for e in best)
     world = best[0].layout.world
     assert world % 8 == 0 and best[0].traffic == min(e.traffic for e in best)
-    for layout in planning.candidate_layouts(args, world - 8):
+    cps = planning.context_parallel_degrees(args, training, world)
+    for layout in planning.candidate_layouts(args, world - 8, cps=cps):
         assert not planning.fits(args, layout, training, 80)
-    # local_batch_size 4 leaves no layout: activations alone exceed an 80 GiB device.
+    # local_batch_size 4: four whole rows' activations exceed an 80 GiB device; only CP, which splits
+    # the rows, leaves layouts that fit.
     four = _job("deepseek_v4_flash.toml", "--training.local_batch_size", "4")
-    assert planning.smallest_layouts(args, Training.of(four, Layout(1, 8)), 80 * GIB) == []
+    found = planning.smallest_layouts(args, Training.of(four, Layout(1, 8)), 80 * GIB)
+    assert found and all(e.layout.cp > 1 for e in found)
+    assert not planning.smallest_layouts(args, Training.of(four, Layout(1, 8)), 80 * GIB, max_world=7 * 8)
 
 
 @pytest.mark.parametrize("config, world", [("deepseek_v4_flash.toml", 128), ("deepseek_v4_pro.toml", 3072)])

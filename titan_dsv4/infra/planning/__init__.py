@@ -24,12 +24,11 @@ Modules, by concern: ``layout`` (Layout, Training, the experts' shard-dim rule `
 their sums), ``search`` (the layouts that fit), ``refusal`` (the device, probed in one place, and the
 trainer's check), ``report`` (text tables).
 
-Where context and pipeline parallelism go (``Layout.cp`` and ``Layout.pp`` exist; ``estimate`` refuses them
-until these terms do):
-  * CP: ``Layout.fsdp`` and ``efsdp`` already count cp (Titan's meshes); the activation terms are per token
-    times ``training.tokens``, of which a CP rank holds tokens / cp (attention's entries still span seq_len:
-    scale T, not S, in ``activation_estimate``); the K/V exchange between CP ranks is one more entry of
-    ``Estimate.collectives`` (with its row in ``report._COLLECTIVE_ROWS``).
+Context parallelism is a term of each concern: ``Layout.fsdp`` and ``efsdp`` count cp (Titan's meshes); a CP
+rank holds ``Training.local_tokens`` = tokens / cp, while what a query sees (entries, picks) still spans
+seq_len, and a block also saves the gathered entries and its halo (``activations.cp_exchange_saved``); the
+exchanges are ``Estimate.collectives["cp_exchange"]``; the search tries every cp that splits seq_len.
+Where pipeline parallelism goes (``Layout.pp`` exists; ``estimate`` refuses it until its terms do):
   * PP: a stage holds its layers' units only: select them from ``analytic_units`` / ``built_units`` before
     the sums (the memory terms then follow); activations count the microbatches in flight per stage; the
     stage-to-stage sends are one more entry of ``Estimate.collectives``.
@@ -46,7 +45,15 @@ from .refusal import (
     refuse_layout_that_cannot_fit,
 )
 from .report import format_memory, format_traffic
-from .search import GPUS_PER_NODE, MAX_SEARCH_WORLD, candidate_layouts, fits, fitting_layout, smallest_layouts
+from .search import (
+    GPUS_PER_NODE,
+    MAX_SEARCH_WORLD,
+    candidate_layouts,
+    context_parallel_degrees,
+    fits,
+    fitting_layout,
+    smallest_layouts,
+)
 from .units import Unit, analytic_units, built_mtp_layers, built_units, padded_shard
 
 __all__ = [
@@ -66,6 +73,7 @@ __all__ = [
     "built_mtp_layers",
     "built_units",
     "candidate_layouts",
+    "context_parallel_degrees",
     "device_memory",
     "dry_run_device",
     "estimate",

@@ -113,6 +113,7 @@ def estimate(
     Built units without MTP get the MTP depths' units from the shapes, so figures always include MTP.
     """
     refuse_unmodelled_parallelism(layout)
+    training = replace(training, cp=layout.cp)  # the layout's cp decides how much of a row a rank holds
     mtp_layers = a.mtp_layers if mtp_layers is None else mtp_layers
     units, from_shapes = _with_mtp_units(a, layout, training, units, mtp_layers)
     acts = activations or activation_estimate(a, training, mtp_layers)

@@ -75,7 +75,7 @@ def smallest_layouts(
             for x in candidate_layouts(a, world, hsdp, tuple(here))
             if acts[x.cp].peak + root + state / x.fsdp <= usable
         ]
-        estimates = [estimate(a, x, replace(training, cp=x.cp), activations=acts[x.cp]) for x in layouts]
+        estimates = [estimate(a, x, training, activations=acts[x.cp]) for x in layouts]
         fitting = [e for e in estimates if e.fits(device_bytes)]
         if fitting:
             return sorted(fitting, key=lambda e: (e.traffic, e.peak))
