@@ -38,27 +38,18 @@ from titan_dsv4.infra.planning import (
     format_traffic,
 )
 from titan_dsv4.infra.unit_plan import fsdp_units
-from titan_dsv4.job_config import check_parallel_degrees
+from titan_dsv4.job_config import parallel_dims_of
+from titan_dsv4.model.sequence_shard import check_context_parallel
 from titan_dsv4.refusals import refusals_exit, shut_down_process_groups
 
 
 def build_plan(job: JobConfig, world_size: int) -> dict:
-    p = job.parallelism
-    check_parallel_degrees(p, world_size)  # a clear message before Titan's mesh asserts
-    dims = ParallelDims(
-        dp_replicate=p.data_parallel_replicate_degree,
-        dp_shard=p.data_parallel_shard_degree,
-        cp=p.context_parallel_degree,
-        tp=p.tensor_parallel_degree,
-        pp=p.pipeline_parallel_degree,
-        ep=p.expert_parallel_degree,
-        etp=p.expert_tensor_parallel_degree,
-        world_size=world_size,
-    )
+    dims = parallel_dims_of(job, world_size)
     dims.build_mesh()
     spec = get_train_spec(job.model.name)
     args = spec.model_args[job.model.flavor].replace()
     args.update_from_config(job)
+    check_context_parallel(job, args)  # a seq_len the cp chunks cannot split is refused here too
     with torch.device("meta"):
         model = spec.model_cls(args)
     job.comm.mode = "fake_backend"  # parallelize's fit check guards real runs; the dry run reports the fit

@@ -176,6 +176,24 @@ def launch_world_size(job_config) -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def parallel_dims_of(job_config, world_size: int):
+    """Titan's ParallelDims for the job's degrees on ``world_size`` ranks (no mesh is built)."""
+    from torchtitan.distributed import ParallelDims
+
+    p = job_config.parallelism
+    check_parallel_degrees(p, world_size)  # a clear message before Titan's assertions
+    return ParallelDims(
+        dp_replicate=p.data_parallel_replicate_degree,
+        dp_shard=p.data_parallel_shard_degree,
+        cp=p.context_parallel_degree,
+        tp=p.tensor_parallel_degree,
+        pp=p.pipeline_parallel_degree,
+        ep=p.expert_parallel_degree,
+        etp=p.expert_tensor_parallel_degree,
+        world_size=world_size,
+    )
+
+
 def check_parallel_degrees(p, world: int) -> None:
     """The degrees must multiply to the world size, and EP must fit Titan's mesh (before Titan asserts)."""
     others = {
