@@ -4,4 +4,4 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 source "$root/scripts/env.sh"
 cd "$root"
-exec "$PYTHON" -m pytest -q -p no:cacheprovider tests "$@"
+exec "$PYTHON" -m pytest -q -p no:cacheprovider "$@"  # no path: pyproject's testpaths (tests/)
