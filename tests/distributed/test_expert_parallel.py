@@ -166,9 +166,10 @@ def test_refusals_name_the_degree_and_the_fix():
     ):
         refuse_unimplemented_parallelism(ep2, config)
     with pytest.raises(UnsupportedParallelismError, match="expert_tensor_parallel_degree=2"):
-        refuse_unimplemented_parallelism(
-            ParallelDims(**{**dims, "dp_shard": 4, "world_size": 4}, ep=2, etp=2), job()
-        )
+        etp = ParallelDims(
+            **{**dims, "tp": 2, "world_size": 4}, ep=2, etp=2
+        )  # ETP = TP: Titan's other choice
+        refuse_unimplemented_parallelism(etp, job())
 
 
 def test_fp32_experts_under_deepep_is_refused(debug_args):
