@@ -268,3 +268,16 @@ def test_job_with_cp_checked_in_update_from_config():
     job.validation.enable = False
     args.update_from_config(job)
     assert args.max_seq_len == 1024
+
+
+def test_positions_and_cp_group_must_come_together():
+    """Sharded positions without a bound cp group (or a bound group without positions) fail clearly."""
+    from titan_dsv4.model import DeepSeekV4Model
+
+    model = DeepSeekV4Model(_args(256, "causal", "sparse", False))
+    tokens = torch.randint(2, 2048, (1, 128))
+    with pytest.raises(ValueError, match="need a context-parallel group"):
+        model(tokens, positions=torch.arange(128, 256)[None])
+    model.cp_group = object()  # bound (the group is not reached before the check)
+    with pytest.raises(ValueError, match="got no positions"):
+        model(tokens)
