@@ -8,7 +8,7 @@
 # Environment (as in TorchTitan's run_train.sh): NGPU (ranks; default: GPU count, or 2 CPU ranks over
 # gloo when there is no GPU), LOG_RANK (default 0), CONFIG_FILE, COMM_MODE (fake_backend: one-process
 # dry run that prints the FSDP unit plan for NGPU ranks; local_tensor: Titan's own simulated mode),
-# TRAIN_FILE (default titan_dsv4.train).
+# TRAIN_FILE (default titan_dsv4.train). --debug shows the traceback of a refused job (one message by default).
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")" && pwd)"
@@ -21,6 +21,7 @@ while [ $# -gt 0 ]; do
     --model=*) model="${1#--model=}"; shift ;;
     --config) CONFIG_FILE="$2"; shift 2 ;;
     --config=*) CONFIG_FILE="${1#--config=}"; shift ;;
+    --debug) export TITAN_DSV4_TRACEBACK=1; shift ;;
     *) passthrough+=("$1"); shift ;;
   esac
 done
@@ -53,6 +54,9 @@ if [ -n "${COMM_MODE:-}" ]; then
   NGPU="$NGPU" LOCAL_RANK=0 exec "$PYTHON" -m "$TRAIN_FILE" --job.config_file "$CONFIG_FILE" \
     --comm.mode="$COMM_MODE" --training.steps=1 ${passthrough[@]+"${passthrough[@]}"}
 fi
+
+# Refusals before any rank starts: one message, exit 2 (the ranks check again; see titan_dsv4/preflight.py).
+NGPU="$NGPU" "$PYTHON" -m titan_dsv4.preflight --job.config_file "$CONFIG_FILE" ${passthrough[@]+"${passthrough[@]}"}
 
 exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint=localhost:0 \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \

@@ -37,37 +37,14 @@ sys.path.insert(0, str(HERE))
 from dsv4_bench.plot import plot_attention_scaling  # noqa: E402
 from dsv4_bench.report import evaluate_targets, render  # noqa: E402
 
+from titan_dsv4.launch import IdleWait, OtherCores  # noqa: E402
+
 SECTIONS = ("training", "attention", "hf", "titan", "ep")  # a+b (+profile), c, d, e, f
 TIMEOUT_S = {"training": 900, "attention": 1200, "hf": 600, "titan": 900, "ep": 1200}
 IDLE_WAIT_BUDGET_S = {"full": 90.0, "quick": 10.0}  # total wait for other processes to go quiet
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds used machine-wide, CPU seconds used by this process's reaped descendants)."""
-    import resource
-
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return busy, children.ru_utime + children.ru_stime
-
-
-def wait_for_idle(budget: list[float], threshold: float = 0.3, interval: float = 1.0) -> float:
-    """Wait (from a shared budget of seconds) until other processes use < ``threshold`` cores;
-    returns the cores they used in the last interval. Other people's work on the same two cores
-    would otherwise land in this benchmark's timings."""
-    while True:
-        busy0, _ = cpu_seconds()
-        time.sleep(interval)
-        busy1, _ = cpu_seconds()
-        budget[0] -= interval
-        others = (busy1 - busy0) / interval
-        if others < threshold or budget[0] <= 0:
-            return others
-
-
-def run_section(name: str, quick: bool, idle_budget: list[float]) -> dict:
+def run_section(name: str, quick: bool, idle: IdleWait) -> dict:
     """Run one section in a fresh process group; its JSON record, or an error record.
 
     Records how many cores other processes used while it ran: the machine's CPU time minus the CPU
@@ -83,11 +60,9 @@ def run_section(name: str, quick: bool, idle_budget: list[float]) -> dict:
     cmd = [sys.executable, "-m", "dsv4_bench.run_section", name, "--out", str(out)] + (
         ["--quick"] if quick else []
     )
-    busy = wait_for_idle(idle_budget)
-    cpu0, ours0 = cpu_seconds()
-    start = time.perf_counter()
+    busy = idle.wait()  # other people's work on the same two cores would land in this section's timings
     print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-    with open(log, "w") as log_file:
+    with OtherCores() as others, open(log, "w") as log_file:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -105,11 +80,9 @@ def run_section(name: str, quick: bool, idle_budget: list[float]) -> dict:
         }
     )
     out.unlink(missing_ok=True)
-    wall = time.perf_counter() - start
-    cpu1, ours1 = cpu_seconds()
     record["busy_cores_before"] = busy
-    record["other_cores_during"] = max(0.0, ((cpu1 - cpu0) - (ours1 - ours0)) / wall)
-    record["process_wall_s"] = wall
+    record["other_cores_during"] = others.cores
+    record["process_wall_s"] = others.wall_s
     status = "FAILED" if "error" in record else "done"
     print(f"[bench] {name} {status} in {record['process_wall_s']:.0f} s", file=sys.stderr, flush=True)
     return record
@@ -145,8 +118,8 @@ def main() -> None:
     args = parser.parse_args()
     (RESULTS / "logs").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    idle_budget = [IDLE_WAIT_BUDGET_S["quick" if args.quick else "full"]]  # shared by all sections
-    sections = {name: run_section(name, args.quick, idle_budget) for name in SECTIONS}
+    idle = IdleWait(IDLE_WAIT_BUDGET_S["quick" if args.quick else "full"])  # shared by all sections
+    sections = {name: run_section(name, args.quick, idle) for name in SECTIONS}
     attention = sections["attention"].get("result")
     plot_path = RESULTS / "attention_scaling.png"
     plot_note = plot_if_possible(attention, plot_path)

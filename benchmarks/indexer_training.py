@@ -13,22 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from titan_dsv4.launch import ROOT, run_train, step_metrics, validation_losses
+
 RESULTS = ROOT / "benchmarks" / "results"
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-STEP = re.compile(
-    r"\[rank0\].*step:\s+(\d+)\s+loss:\s+([0-9.]+).*indexer_recall: ([0-9.]+) \(chance ([0-9.]+)\)"
-)
-VALIDATION = re.compile(r"\[rank0\].*validate step:\s+(\d+)\s+loss:\s+([0-9.]+)")
 RUNS = {
     "frozen": [
         "--deepseek_v4.indexer_loss_weight",
@@ -44,10 +35,7 @@ RUNS = {
 def run(name: str, seed: int, steps: int, validate_every: int) -> dict:
     """One training run; its per-step recall and loss, and its validation losses."""
     with tempfile.TemporaryDirectory() as dump:
-        cmd = [
-            "./run_train.sh",
-            "--model",
-            "deepseek_v4",
+        args = [
             "--training.steps",
             str(steps),
             "--debug.seed",
@@ -63,20 +51,16 @@ def run(name: str, seed: int, steps: int, validate_every: int) -> dict:
             dump,
             *RUNS[name],
         ]
-        env = {**os.environ, "PYTHON": sys.executable, "LOG_RANK": "0"}
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
-        log = ANSI.sub("", proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} seed {seed} failed:\n{log[-3000:]}")
-    steps_seen = {int(s): (float(loss), float(r), float(c)) for s, loss, r, c in STEP.findall(log)}
+        _, log = run_train(args, 3600, log_ranks="0", check=True)
+    steps_seen = {s: f for s, f in step_metrics(log).get(0, {}).items() if "indexer_recall" in f}
     return {
         "seed": seed,
         "wall_s": time.perf_counter() - start,
-        "loss": {s: v[0] for s, v in steps_seen.items()},
-        "recall": {s: v[1] for s, v in steps_seen.items()},
-        "chance": {s: v[2] for s, v in steps_seen.items()},
-        "validation_loss": {int(s): float(v) for s, v in VALIDATION.findall(log)},
+        "loss": {s: f["loss"] for s, f in steps_seen.items()},
+        "recall": {s: f["indexer_recall"] for s, f in steps_seen.items()},
+        "chance": {s: f["indexer_recall_chance"] for s, f in steps_seen.items()},
+        "validation_loss": validation_losses(log),
     }
 
 

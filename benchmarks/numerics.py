@@ -24,11 +24,9 @@ import json
 import math
 import os
 import re
-import resource
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,10 +36,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import titan_dsv4  # noqa: F401  (CPU support before torchtitan)
+from titan_dsv4.cpu import apply_cpu_support
+from titan_dsv4.launch import ROOT, IdleWait, OtherCores, losses, run_train, step_lines, step_metrics
 from titan_dsv4.model.args import CSA, FP32_COMPUTE_PARTS
+from titan_dsv4.model.hf_config import args_from_hf_config
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 LOG = RESULTS / "logs" / "numerics.log"
 SEQ_LEN, LOCAL_BATCH, SEED = 512, 2, 42  # train_configs/debug_model.toml, and the seed of every run
@@ -53,8 +52,6 @@ PARTS = FP32_COMPUTE_PARTS
 # (one-sided sign test, p < SIGN_TEST_P).
 ERROR_GAIN, COST_LIMIT, FLIP_SIGMAS, SIGN_TEST_P = 0.10, 0.05, 2.0, 0.05
 IDLE_CORES, IDLE_WAIT_S = 0.3, 600.0  # before each timing run: wait for others to go quiet (shared budget)
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-STEP = re.compile(r"\[rank(\d)\].*step:\s+(\d+)\s+loss:\s+([0-9.]+).*tps:\s+([0-9,]+)")
 MODES = {  # training steps, eval rows, timing warm-up + timed steps, timing rounds
     "full": dict(steps=300, rows=8, warmup=2, timed=12, rounds=3),
     "quick": dict(steps=20, rows=2, warmup=1, timed=3, rounds=2),
@@ -64,15 +61,6 @@ MODES = {  # training steps, eval rows, timing warm-up + timed steps, timing rou
 # ---- subprocesses: training, export, step timing --------------------------------------------------
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """(busy CPU seconds machine-wide, CPU seconds of this process's reaped children)."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return busy, children.ru_utime + children.ru_stime
-
-
 def log_section(title: str, text: str) -> None:
     """Append one subprocess's output to the report's log, so that every figure can be traced."""
     LOG.parent.mkdir(parents=True, exist_ok=True)
@@ -80,26 +68,19 @@ def log_section(title: str, text: str) -> None:
         f.write(f"\n===== {title} ({datetime.datetime.now().isoformat(timespec='seconds')}) =====\n{text}")
 
 
-def run_train(args: list[str], title: str, keep_log: bool, timeout: float) -> tuple[str, float]:
-    """(log, cores other processes used meanwhile) of ``./run_train.sh --model deepseek_v4 ARGS``; raises
-    on failure. Timing runs log only their step lines: a noisy machine is what their spread must show."""
-    env = {**os.environ, "PYTHON": sys.executable, "LOG_RANK": "0,1"}
-    cmd = ["./run_train.sh", "--model", "deepseek_v4", *args]
-    busy0, ours0 = cpu_seconds()
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - start
-    busy1, ours1 = cpu_seconds()
-    text = ANSI.sub("", proc.stdout + proc.stderr)
-    kept = text if keep_log or proc.returncode else "\n".join(m.group(0) for m in STEP.finditer(text))
-    log_section(f"{title}: {' '.join(cmd)} -> exit {proc.returncode}, {wall:.0f} s", kept + "\n")
-    if proc.returncode:
-        raise RuntimeError(f"{title} failed (exit {proc.returncode}); see {LOG}:\n{text[-3000:]}")
-    return text, max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / wall)
-
-
-def step_losses(log: str, rank: int = 0) -> dict[int, float]:
-    return {int(s): float(v) for r, s, v, _ in STEP.findall(log) if int(r) == rank}
+def logged_run(args: list[str], title: str, keep_log: bool, timeout: float) -> tuple[str, float]:
+    """(log, cores other processes used meanwhile) of ``./run_train.sh --model deepseek_v4 ARGS``, logged to
+    LOG; raises on failure. Timing runs log only their step lines: a noisy machine is what their spread
+    must show."""
+    with OtherCores() as others:
+        code, text = run_train(args, timeout)
+    kept = text if keep_log or code else step_lines(text)
+    log_section(
+        f"{title}: ./run_train.sh {' '.join(args)} -> exit {code}, {others.wall_s:.0f} s", kept + "\n"
+    )
+    if code:
+        raise RuntimeError(f"{title} failed (exit {code}); see {LOG}:\n{text[-3000:]}")
+    return text, others.cores
 
 
 def train_and_export(steps: int, dump: Path) -> tuple[Path, dict]:
@@ -113,55 +94,38 @@ def train_and_export(steps: int, dump: Path) -> tuple[Path, dict]:
         "--deepseek_v4.fp32_compute", "",  # the weights the report was made on were trained with no part
     ]  # fmt: skip
     start = time.perf_counter()
-    log, others = run_train(args, f"train {steps} steps", keep_log=True, timeout=3 * 3600)
-    losses = step_losses(log)
+    log, others = logged_run(args, f"train {steps} steps", keep_log=True, timeout=3 * 3600)
+    logged = losses(log)
     record = {
         "steps": steps,
         "wall_s": time.perf_counter() - start,
         "other_cores_during": others,
-        "loss_first": losses.get(1),
-        "loss_last": losses.get(steps),
+        "loss_first": logged.get(1),
+        "loss_last": logged.get(steps),
         "command": "./run_train.sh --model deepseek_v4 " + " ".join(args),
     }
     return dump / "checkpoint" / f"step-{steps}", record
 
 
-def other_cores_now(interval: float = 1.0) -> float:
-    """Cores busy over ``interval`` seconds while this script runs nothing: other people's work."""
-    busy0, _ = cpu_seconds()
-    time.sleep(interval)
-    return (cpu_seconds()[0] - busy0) / interval
-
-
-def wait_for_idle(budget: list[float]) -> float:
-    """Wait, from a budget of seconds shared by all runs, until other processes use < IDLE_CORES; returns
-    what they used in the last second. On two shared cores their work lands in every step timed."""
-    while True:
-        others = other_cores_now()
-        budget[0] -= 1.0
-        if others < IDLE_CORES or budget[0] <= 0:
-            return others
-
-
-def timing_run(parts: tuple[str, ...], warmup: int, timed: int, idle_budget: list[float]) -> dict:
+def timing_run(parts: tuple[str, ...], warmup: int, timed: int, idle: IdleWait) -> dict:
     """One 2-rank Trainer run: per-step time from Titan's ``tps`` (the slower rank), warm-up dropped."""
     args = ["--training.steps", str(warmup + timed), "--debug.seed", str(SEED)]
     args += ["--deepseek_v4.fp32_compute", ",".join(parts)]  # "" for none (the default is the pair)
-    others_before = wait_for_idle(idle_budget)
+    others_before = idle.wait()
     with tempfile.TemporaryDirectory(dir=ROOT / "outputs") as dump:
-        log, others = run_train(
+        log, others = logged_run(
             args + ["--job.dump_folder", dump], f"timing {label(parts)}", keep_log=False, timeout=900
         )
     by_step: dict[int, float] = {}
-    for _, step, _, tps in STEP.findall(log):
-        seconds = LOCAL_BATCH * SEQ_LEN / int(tps.replace(",", ""))
-        by_step[int(step)] = max(by_step.get(int(step), 0.0), seconds)
+    for per_rank in step_metrics(log).values():
+        for step, figures in per_rank.items():
+            by_step[step] = max(by_step.get(step, 0.0), LOCAL_BATCH * SEQ_LEN / figures["tps"])
     step_s = [by_step[s] for s in sorted(by_step) if s > warmup]
     return {
         "step_s": step_s,
         "median_s": statistics.median(step_s),
         "min_s": min(step_s),
-        "losses_rank0": [step_losses(log)[s] for s in sorted(step_losses(log))],
+        "losses_rank0": [loss for _, loss in sorted(losses(log).items())],
         "other_cores_before": others_before,
         "other_cores_during": others,
     }
@@ -179,12 +143,12 @@ def time_configs(configs: list[tuple[str, ...]], rounds: int, warmup: int, timed
     step, the primary figure on a shared machine, and of the median step."""
     configs = [()] + [c for c in configs if c]
     runs: dict[str, list[dict]] = {label(c): [] for c in configs}
-    idle_budget = [IDLE_WAIT_S]
+    idle = IdleWait(IDLE_WAIT_S, IDLE_CORES)
     for r in range(rounds):
         shift = r % len(configs)
         for parts in configs[shift:] + configs[:shift]:
             print(f"[numerics] timing round {r + 1}/{rounds}: {label(parts)}", file=sys.stderr, flush=True)
-            runs[label(parts)].append(timing_run(parts, warmup, timed, idle_budget))
+            runs[label(parts)].append(timing_run(parts, warmup, timed, idle))
     base = runs[label(())]
     return {
         name: {
@@ -235,9 +199,8 @@ def load_reference(folder: Path):
 
     from titan_dsv4.checkpoint.adapter import DeepSeekV4CheckpointAdapter
     from titan_dsv4.model import DeepSeekV4Model
-    from titan_dsv4.model.args import DeepSeekV4ModelArgs
 
-    args = DeepSeekV4ModelArgs.from_hf_config(str(folder)).replace(max_seq_len=SEQ_LEN, fp32_compute=())
+    args = args_from_hf_config(str(folder)).replace(max_seq_len=SEQ_LEN, fp32_compute=[])
     model = DeepSeekV4Model(args)
     adapter = DeepSeekV4CheckpointAdapter(args, None)
     hf_state = adapter.to_hf(model.state_dict())
@@ -713,6 +676,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     opts = parse_args()
+    apply_cpu_support()  # before anything builds a Titan mesh or model in this process
     mode = dict(MODES["quick" if opts.quick else "full"])
     for key in ("steps", "rows", "rounds"):
         if getattr(opts, key) is not None:

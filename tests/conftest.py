@@ -1,12 +1,9 @@
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+from titan_dsv4.cpu import apply_cpu_support
 
-import titan_dsv4  # noqa: E402,F401  (CPU support before torchtitan, registers the spec)
+apply_cpu_support()  # on a machine without an accelerator: Titan's device is the CPU, its groups gloo
 
 
 @pytest.fixture

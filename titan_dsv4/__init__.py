@@ -1,14 +1,11 @@
-"""DeepSeek-V4 for TorchTitan: ``import titan_dsv4`` registers the ``deepseek_v4`` train spec.
+"""DeepSeek-V4 for TorchTitan: ``import titan_dsv4`` registers the ``deepseek_v4`` train spec, nothing else.
 
-On a machine without an accelerator the CPU support (``titan_dsv4.cpu``) is applied first, before
-anything imports torchtitan, so that Titan resolves its device to CPU and its process groups to gloo.
+Registration is TorchTitan's extension point for models (``get_train_spec("deepseek_v4")``). Nothing in torch
+or Titan changes at import: the CPU support is an explicit call (``titan_dsv4.cpu.apply_cpu_support``) that
+our entry points make, and ``titan_dsv4.stock`` makes for TorchTitan's stock entry.
 """
 
-from .cpu import apply_cpu_support
-
-apply_cpu_support()
-
-from .spec import get_train_spec, register  # noqa: E402
+from .spec import get_train_spec, register
 
 register()
 

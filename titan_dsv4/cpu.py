@@ -1,19 +1,19 @@
-"""CPU support for TorchTitan 0.2.2: what its CPU path lacks, applied only when there is no accelerator.
+"""CPU support for TorchTitan 0.2.2: what its CPU path lacks, applied only when asked and only without an
+accelerator.
 
-``import titan_dsv4`` applies it (the stock ``python -m torchtitan.train --experimental.custom_import
-titan_dsv4`` path needs it before Titan builds its device); with an accelerator it changes nothing.
-Each patch is one function, applied once; ``applied()`` lists the ones in effect:
+Nothing here runs at import. ``apply_cpu_support()`` is called explicitly by our entry points
+(``./run_train.sh`` and ``python -m titan_dsv4.train``, the dry run, the multi-rank helper, the tests) and by
+``titan_dsv4.stock``, the module TorchTitan's stock entry names (``--experimental.custom_import
+titan_dsv4.stock``). With an accelerator it changes nothing. Each patch is one function, applied once;
+``applied()`` lists the ones in effect:
   * ``device``: ``torchtitan.tools.utils`` picks "cuda" when no accelerator is found, at import time, and
     the memory monitor and PG timeouts call CUDA-only functions (peak RSS stands in for device memory);
-  * ``profiler``: Titan hands the profiler ``[CPU, None]`` activities when there is no GPU;
-  * ``teardown``: every DeviceMesh keeps its ProcessGroups in ``_pg_registry``, so the gloo world group
-    outlives ``destroy_process_group`` with its worker threads running; when interpreter exit finally
-    destroys it, a joinable std::thread calls std::terminate and a rank dies with SIGABRT after a
-    successful run (about one run in five). Destroying the world group now drops those references first.
-What our own code can do locally it does: the MoE counts expert loads with ``bincount`` (Titan's
-reorderer uses ``torch.histc``, which has no CPU kernel for integers), expert-parallel dispatch permutes
-tokens in PyTorch on CPU (``infra/expert_parallel.py``), and ``parallelize_deepseek_v4`` reduces with SUM
-on gloo (which has no PREMUL_SUM).
+  * ``profiler``: Titan hands the profiler ``[CPU, None]`` activities when there is no GPU.
+What our own code can do locally it does: the MoE counts expert loads with ``bincount`` (Titan's reorderer
+uses ``torch.histc``, which has no CPU kernel for integers), expert-parallel dispatch permutes tokens in
+PyTorch on CPU (``infra/expert_parallel.py``), ``parallelize_deepseek_v4`` reduces with SUM on gloo (which
+has no PREMUL_SUM), and the metrics processor releases the meshes' gloo groups before Titan destroys the world
+group (``refusals.shut_down_process_groups`` says why).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import sys
 import types
 
 import torch
+
+from .infra.planning import host_memory_bytes
 
 _APPLIED: list[str] = []
 
@@ -40,19 +42,10 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _total_memory_bytes() -> int:
-    try:
-        import os
-
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 0
-
-
 def _cpu_device_module() -> types.SimpleNamespace:
     """torch.cpu plus the handful of CUDA-style calls Titan's Trainer makes on its device module."""
     ns = types.SimpleNamespace(**{k: getattr(torch.cpu, k) for k in dir(torch.cpu) if not k.startswith("__")})
-    props = types.SimpleNamespace(total_memory=_total_memory_bytes(), name="cpu")
+    props = types.SimpleNamespace(total_memory=host_memory_bytes(), name="cpu")
     ns.get_device_name = lambda *a, **k: "CPU"
     ns.current_device = lambda: 0
     ns.set_device = lambda *a, **k: None
@@ -77,7 +70,7 @@ def _patch_device() -> None:
     orig_get_module = torch._utils._get_device_module
     torch._utils._get_available_device_type = lambda: "cpu"
     torch._utils._get_device_module = lambda t="cuda": cpu_module if t == "cpu" else orig_get_module(t)
-    # If torchtitan was imported first, fix the device globals its modules copied at import time.
+    # Titan's modules copied the device at their import: fix the copies of those already imported.
     for name, mod in list(sys.modules.items()):
         if name.startswith("torchtitan") and mod is not None:
             if getattr(mod, "device_type", None) == "cuda":
@@ -90,7 +83,7 @@ def _patch_profiler() -> None:
     """The profiler ignores the ``None`` activity Titan adds when there is no GPU."""
     orig_cls = torch.profiler.profile
 
-    class profile(orig_cls):  # noqa: N801 - keeps torch's name
+    class profile(orig_cls):
         def __init__(self, *args, activities=None, **kwargs):
             if activities is not None:
                 activities = [a for a in activities if a is not None]
@@ -99,29 +92,11 @@ def _patch_profiler() -> None:
     torch.profiler.profile = profile
 
 
-def _patch_teardown() -> None:
-    """Destroying the world group first drops every DeviceMesh's references to its groups."""
-    orig = torch.distributed.destroy_process_group
-
-    def destroy_process_group(group=None):
-        if group is None or group is torch.distributed.GroupMember.WORLD:
-            import gc
-
-            from torch.distributed.device_mesh import DeviceMesh
-
-            for obj in gc.get_objects():
-                if issubclass(type(obj), DeviceMesh):  # type() never runs user code, unlike isinstance
-                    getattr(obj, "_pg_registry", {}).clear()
-        return orig(group)
-
-    torch.distributed.destroy_process_group = destroy_process_group
-
-
-_PATCHES = {"device": _patch_device, "profiler": _patch_profiler, "teardown": _patch_teardown}
+_PATCHES = {"device": _patch_device, "profiler": _patch_profiler}
 
 
 def apply_cpu_support() -> tuple[str, ...]:
-    """Apply each CPU patch once when there is no accelerator; returns what is applied."""
+    """Apply each CPU patch once when there is no accelerator (the explicit call); returns what is applied."""
     if not _APPLIED and not has_accelerator():
         for name, patch in _PATCHES.items():
             patch()

@@ -32,6 +32,7 @@ def _text(sample: dict) -> str:
 
 
 def register_datasets() -> None:
-    """Make ``--training.dataset dsv4_corpus`` (and ``dsv4_corpus_validation``) selectable."""
+    """Make ``--training.dataset dsv4_corpus`` (and ``dsv4_corpus_validation``) selectable: an entry in
+    Titan's dataset table (its documented extension point), made by the spec's data builders."""
     for name, path in CORPUS.items():
         DATASETS[name] = DatasetConfig(path=str(path), loader=load_jsonl, sample_processor=_text)

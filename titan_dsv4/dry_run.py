@@ -3,7 +3,7 @@
 One process, TorchTitan's fake backend standing in for NGPU ranks: builds Titan's meshes, the model on
 the meta device and runs ``parallelize_deepseek_v4``, then prints the FSDP unit plan (units by kind and
 compute dtype, parameters and bytes per rank, resharding, HCA alignment) and one rank's memory and
-traffic per step (``infra/planning.py``): parameter, gradient and AdamW bytes and the largest unsharded unit
+traffic per step (``infra/planning/``): parameter, gradient and AdamW bytes and the largest unsharded unit
 from the built plan, activations at the config's seq_len and AC mode, all-gather / reduce-scatter /
 all-to-all bytes, and whether the layout fits a device of ``--deepseek_v4.gpu_memory_gib`` GiB (80 when
 unset: an 80 GB GPU), with a layout that would fit when it does not. The analytic estimate, which the
@@ -18,26 +18,28 @@ import json
 import os
 from collections import defaultdict
 
-import torch  # noqa: E402
-from torchtitan.config import ConfigManager, JobConfig  # noqa: E402
-from torchtitan.distributed import ParallelDims  # noqa: E402
-from torchtitan.distributed.utils import init_fake_mode  # noqa: E402
-from torchtitan.protocols.train_spec import get_train_spec  # noqa: E402
+import torch
+from torchtitan.config import ConfigManager, JobConfig
+from torchtitan.distributed import ParallelDims
+from torchtitan.distributed.utils import init_fake_mode
+from torchtitan.protocols.train_spec import get_train_spec
 
-import titan_dsv4  # noqa: F401  (CPU support + train spec, before torchtitan)
-from titan_dsv4.infra.planning import (  # noqa: E402
-    DRY_RUN_GPU_MEMORY_GIB,
+import titan_dsv4  # noqa: F401  (registers the deepseek_v4 train spec)
+from titan_dsv4.cpu import apply_cpu_support
+from titan_dsv4.infra.planning import (
     GIB,
     Layout,
     Training,
     built_units,
+    dry_run_device,
     estimate,
     fitting_layout,
     format_memory,
     format_traffic,
 )
-from titan_dsv4.infra.unit_plan import fsdp_units  # noqa: E402
-from titan_dsv4.job_config import check_parallel_degrees  # noqa: E402
+from titan_dsv4.infra.unit_plan import fsdp_units
+from titan_dsv4.job_config import check_parallel_degrees
+from titan_dsv4.refusals import refusals_exit, shut_down_process_groups
 
 
 def build_plan(job: JobConfig, world_size: int) -> dict:
@@ -64,14 +66,6 @@ def build_plan(job: JobConfig, world_size: int) -> dict:
     plan = summarize(model, dims, job, world_size)
     plan["memory"] = memory_plan(model, args, dims, job)
     return plan
-
-
-def dry_run_device(job: JobConfig) -> tuple[int, str]:
-    """The device the plan must fit: ``--deepseek_v4.gpu_memory_gib``, else an 80 GB GPU."""
-    gib = getattr(getattr(job, "deepseek_v4", None), "gpu_memory_gib", 0.0) or 0.0
-    if gib > 0:
-        return int(gib * GIB), "--deepseek_v4.gpu_memory_gib"
-    return int(DRY_RUN_GPU_MEMORY_GIB * GIB), "the dry run's default; set --deepseek_v4.gpu_memory_gib"
 
 
 def memory_plan(model, args, dims: ParallelDims, job: JobConfig) -> dict:
@@ -194,17 +188,19 @@ def format_memory_plan(memory: dict) -> list[str]:
 
 
 def main() -> None:
+    apply_cpu_support()  # the fake backend's meshes live on the CPU when there is no GPU
     job = ConfigManager().parse_args()
     world_size = int(os.environ.get("NGPU", "8"))
     init_fake_mode(world_size, "fake_backend")
-    plan = build_plan(job, world_size)
+    with refusals_exit():
+        plan = build_plan(job, world_size)
     print(format_plan(plan), flush=True)
     out = os.path.join(job.job.dump_folder, f"unit_plan_{job.model.flavor}_{world_size}.json")
     os.makedirs(job.job.dump_folder, exist_ok=True)
     with open(out, "w") as f:
         json.dump(plan, f, indent=2)
     print(f"  written to {out}")
-    torch.distributed.destroy_process_group()
+    shut_down_process_groups()
 
 
 if __name__ == "__main__":

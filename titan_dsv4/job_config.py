@@ -1,9 +1,11 @@
 """The ``[deepseek_v4]`` training-config section, and the job checks TorchTitan makes late or not at all.
 
 ``[job] custom_config_module = "titan_dsv4.job_config"`` (set in every shipped TOML) merges ``JobConfig``
-below into Titan's, so ``--deepseek_v4.mtp_layers 1`` works on the command line. Model args read the
-section in ``update_from_config``; ``check_job`` runs before Titan builds the tokenizer (both entry
-points), ``check_parallel_degrees`` before Titan builds its meshes (``titan_dsv4.train`` only).
+below into Titan's, so ``--deepseek_v4.mtp_layers 1`` works on the command line. The section is the model's
+``TrainingOptions`` (declared once, in ``model/options.py``) plus the job-level keys. ``check_job`` runs from
+the train spec's first hook on every entry point (and once more before any rank starts, from
+``./run_train.sh``); ``check_parallel_degrees`` runs before Titan builds its meshes (``titan_dsv4.train``
+and ``./run_train.sh``).
 """
 
 # No `from __future__ import annotations`: tyro resolves these field types after Titan merges the
@@ -12,33 +14,17 @@ import os
 from dataclasses import dataclass, field
 from math import prod
 
-from .model.args import ConfigError
-
-# Set on the job config by titan_dsv4's Trainer: features only that Trainer provides are then allowed.
-TRAINER_MARK = "_titan_dsv4_trainer"
+from .flavors import UnknownFlavorError, deepseek_v4_args
+from .model.options import ConfigError, TrainingOptions
+from .model.sequence_shard import check_context_parallel
 
 
 @dataclass
-class DeepSeekV4:
-    """DeepSeek-V4 knobs; ``None`` keeps the flavor's value."""
+class DeepSeekV4(TrainingOptions):
+    """DeepSeek-V4 knobs: the model's training options, and the job-level keys below."""
 
     mtp_layers: int | None = None
-    """Multi-token-prediction depths (the released checkpoints have 1; 0 builds none)."""
-    mtp_loss_weight: float | None = None
-    """Weight of the MTP loss, the mean over depths of their cross-entropies (default 0.1, as NeMo)."""
-    indexer_loss_weight: float | None = None
-    """Weight of the Lightning Indexer's KL distillation loss; 0 keeps the indexer frozen."""
-    indexer_warmup_steps: int | None = None
-    """First steps in which CSA attends every entry and only the indexer learns (dense warm-up)."""
-    attn_mask_type: str | None = None
-    """"causal" (one sequence per row) or "block_causal" (documents ending with eos stay apart)."""
-    attn_impl: str | None = None
-    """"sparse" (fast path, default) or "dense" (the masked reference)."""
-    fp32_compute: list[str] | None = None
-    """Parts of a bf16 step computed in fp32: attention_logits, router, experts, hc_mixing (default: the
-    first and last; "" for none; README "Numerics")."""
-    log_indexer_recall: bool = False
-    """Log indexer_recall every step even with the indexer frozen (on whenever indexer_loss_weight > 0)."""
+    """Multi-token-prediction depths (the released checkpoints have 1; 0 builds none; unset: the flavor's)."""
     gpu_memory_gib: float = 0.0
     """Per-device memory the layout must fit (0: the device's own); the trainer refuses a layout that does
     not."""
@@ -49,38 +35,102 @@ class JobConfig:
     deepseek_v4: DeepSeekV4 = field(default_factory=DeepSeekV4)
 
 
-def check_job(job_config) -> None:
-    """Refuse, before any compute, options Titan would refuse only when it reaches them (or never)."""
+# Options only titan_dsv4's Trainer serves (Titan has no extension point for them): key -> why.
+TRAINER_ONLY = {
+    "checkpoint.last_save_in_hf": (
+        "it completes the export with the int64 hash tables, config.json and the tokenizer, which "
+        "TorchTitan's HF save leaves out"
+    ),
+}
+
+
+def check_job(job_config, trainer_completes_hf_export: bool = False) -> None:
+    """Refuse, before any compute, what Titan would refuse only when it reaches it (or never).
+
+    ``trainer_completes_hf_export``: the caller is ``titan_dsv4``'s Trainer, which serves
+    ``checkpoint.last_save_in_hf``; TorchTitan's stock Trainer does not.
+    """
     problems = _checkpoint_problems(
         job_config.checkpoint, os.path.join(job_config.job.dump_folder, job_config.checkpoint.folder)
     )
     if (
         job_config.checkpoint.enable
         and job_config.checkpoint.last_save_in_hf
-        and not getattr(job_config, TRAINER_MARK, False)
+        and not trainer_completes_hf_export
     ):
         problems.append(
-            "checkpoint.last_save_in_hf needs titan_dsv4's trainer (it writes the int64 hash tables, "
-            "config.json and the tokenizer TorchTitan's export leaves out): launch with ./run_train.sh or "
-            "`python -m titan_dsv4.train` instead of `python -m torchtitan.train`"
+            "checkpoint.last_save_in_hf needs titan_dsv4's trainer ("
+            + TRAINER_ONLY["checkpoint.last_save_in_hf"]
+            + "): launch with ./run_train.sh or `python -m titan_dsv4.train` instead of "
+            "`python -m torchtitan.train`"
         )
     section = getattr(job_config, "deepseek_v4", None)
-    if (
-        section is not None
-        and (section.indexer_warmup_steps or 0) > 0
-        and not getattr(job_config, TRAINER_MARK, False)
-    ):
-        problems.append(
-            f"deepseek_v4.indexer_warmup_steps={section.indexer_warmup_steps} needs titan_dsv4's trainer (it "
-            "tells the model the step): launch with ./run_train.sh or `python -m titan_dsv4.train`, or set "
-            "--deepseek_v4.indexer_warmup_steps 0 (the indexer then distils from the first step, sparse)"
+    if section is None:
+        raise ConfigError(
+            "the job config has no [deepseek_v4] section: add `custom_config_module = "
+            '"titan_dsv4.job_config"` to the [job] table of your TOML (every shipped config has it), or '
+            "--job.custom_config_module titan_dsv4.job_config on the command line"
         )
-    if section is not None and section.gpu_memory_gib < 0:
+    if section.gpu_memory_gib < 0:
         problems.append(
             f"deepseek_v4.gpu_memory_gib={section.gpu_memory_gib} must be >= 0 (0: the device's own)"
         )
+    problems += _model_problems(job_config, section)
+    problems += _tokenizer_problems(job_config.model.hf_assets_path)
     if problems:
         raise ConfigError("Invalid job config:\n  - " + "\n  - ".join(problems))
+
+
+def job_model_args(job_config):
+    """The flavor's args with the job's ``[deepseek_v4]`` section applied (a private copy)."""
+    try:
+        args = deepseek_v4_args[job_config.model.flavor].replace()
+    except UnknownFlavorError as e:
+        raise ConfigError(f"model.flavor: {e}") from None
+    args.apply_section(job_config.deepseek_v4)
+    return args
+
+
+def _model_problems(job_config, section) -> list[str]:
+    """The flavor, the options, seq_len and the expert-parallel degree against the model they build."""
+    if job_config.model.name != "deepseek_v4":
+        return []
+    try:
+        args = job_model_args(job_config)
+        args.validate()
+        args.check_seq_len(job_config.training.seq_len)
+        check_context_parallel(job_config, args)
+    except ConfigError as e:
+        return [str(e)]
+    ep, experts = job_config.parallelism.expert_parallel_degree, args.moe_args.num_experts
+    if ep > 1 and experts % ep:
+        return [
+            f"expert_parallel_degree={ep} must divide the {experts} routed experts: each EP rank owns the "
+            f"same number of experts. Pick a divisor of {experts}."
+        ]
+    return []
+
+
+def _tokenizer_problems(hf_assets_path: str | None) -> list[str]:
+    """Titan's HF tokenizer reads tokenizer.json from ``model.hf_assets_path``."""
+    if hf_assets_path and os.path.isfile(os.path.join(hf_assets_path, "tokenizer.json")):
+        return []
+    return [
+        f"model.hf_assets_path={hf_assets_path!r} holds no tokenizer.json: point --model.hf_assets_path at a "
+        "folder with one (a released checkpoint folder, or ./titan_dsv4/assets/tokenizer, the debug model's)"
+    ]
+
+
+def check_tokenizer_fits(tokenizer, job_config) -> None:
+    """Token ids past the embedding would index out of range: the tokenizer must fit the flavor's vocab."""
+    vocab = job_model_args(job_config).vocab_size
+    n = tokenizer.get_vocab_size()
+    if n > vocab:
+        raise ConfigError(
+            f"the tokenizer at {job_config.model.hf_assets_path} has {n} tokens but the model vocab_size is "
+            f"{vocab}: token ids >= {vocab} would index past the embedding. Use a flavor with a larger "
+            "vocab_size or the matching tokenizer (--model.hf_assets_path)."
+        )
 
 
 def _checkpoint_problems(cfg, checkpoint_folder: str) -> list[str]:

@@ -30,8 +30,11 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple,
     )
     import torch.distributed as dist
 
-    import titan_dsv4  # noqa: F401  (CPU support before torchtitan)
+    import titan_dsv4  # noqa: F401  (registers the deepseek_v4 train spec)
+    from titan_dsv4.cpu import apply_cpu_support
+    from titan_dsv4.refusals import shut_down_process_groups
 
+    apply_cpu_support()
     torch.set_num_threads(1)
     if backend is not None:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
@@ -43,8 +46,7 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple,
             f.write(traceback.format_exc())
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shut_down_process_groups()
 
 
 def run_on_ranks(fn, world_size: int, *args, timeout: float = 240.0, backend: str | None = "gloo") -> list:

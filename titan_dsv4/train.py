@@ -1,14 +1,17 @@
 """Entry point: ``python -m titan_dsv4.train --job.config_file ...`` (what run_train.sh launches).
 
-Importing ``titan_dsv4`` first applies the CPU support when there is no accelerator, before torchtitan
-builds its device, then registers the ``deepseek_v4`` train spec; the Trainer is Titan's, extended in
-``titan_dsv4.trainer``.
+TorchTitan's ``main`` with ``DeepSeekV4Trainer`` (``titan_dsv4/trainer.py``), after the explicit CPU support
+(Titan's device is fixed up where it was copied at import) and inside ``refusals_exit`` (a refused job prints
+one message and exits 2).
 """
 
-from torchtitan.train import main  # noqa: E402
+from torchtitan.train import main
 
-import titan_dsv4  # noqa: F401  (CPU support + train spec registration, before torchtitan)
-from titan_dsv4.trainer import DeepSeekV4Trainer  # noqa: E402
+from titan_dsv4.cpu import apply_cpu_support
+from titan_dsv4.refusals import refusals_exit
+from titan_dsv4.trainer import DeepSeekV4Trainer
 
 if __name__ == "__main__":
-    main(DeepSeekV4Trainer)
+    apply_cpu_support()
+    with refusals_exit():
+        main(DeepSeekV4Trainer)

@@ -1,11 +1,15 @@
-"""TorchTitan's Trainer with DeepSeek-V4's extras; ``python -m titan_dsv4.train`` (run_train.sh) runs it.
+"""TorchTitan's Trainer with what Titan gives no extension point for; ``python -m titan_dsv4.train`` runs it.
 
-What it adds to Titan's own Trainer, each through a public extension point:
-  * parallel degrees are checked against the world size before Titan builds its meshes (Titan asserts);
-  * the checkpoint manager completes HF exports and optimizer state (``checkpoint/manager.py``);
-  * the model is told the training step (the indexer's dense warm-up depends on it).
-The stock ``python -m torchtitan.train --experimental.custom_import titan_dsv4`` path trains too; it refuses
-the two options that need this Trainer (``checkpoint.last_save_in_hf``, ``deepseek_v4.indexer_warmup_steps``).
+Everything else DeepSeek-V4 needs comes through the train spec, so TorchTitan's stock entry
+(``python -m torchtitan.train --experimental.custom_import titan_dsv4.stock``) trains every shipped config
+the same way, the indexer's warm-up included (the model's step comes from the LR schedulers,
+``infra/optimizer.py``).
+What only this Trainer adds:
+  * ``checkpoint.last_save_in_hf``: the HF export is completed with the int64 hash tables, config.json and
+    the tokenizer (``checkpoint/manager.py``); Titan has no hook after its HF save, so the stock entry
+    refuses this option, and no shipped config sets it;
+  * parallel degrees are checked against the world size before Titan builds its meshes, where Titan would
+    assert (on the stock entry Titan's own assertion stands).
 """
 
 from __future__ import annotations
@@ -13,15 +17,15 @@ from __future__ import annotations
 from torchtitan.train import Trainer
 
 from .checkpoint.manager import DeepSeekV4CheckpointManager
-from .job_config import TRAINER_MARK, check_parallel_degrees, launch_world_size
+from .job_config import check_parallel_degrees, launch_world_size
+from .spec import for_trainer
 
 
 class DeepSeekV4Trainer(Trainer):
-    """Titan's Trainer plus early degree checks, complete HF exports and a step-aware model."""
+    """Titan's Trainer plus early degree checks and complete HF exports."""
 
     def __init__(self, job_config):
         check_parallel_degrees(job_config.parallelism, launch_world_size(job_config))
-        setattr(job_config, TRAINER_MARK, True)
         super().__init__(job_config)
         if job_config.checkpoint.enable:
             self.checkpointer = DeepSeekV4CheckpointManager.replacing(
@@ -36,8 +40,11 @@ class DeepSeekV4Trainer(Trainer):
                 base_folder=job_config.job.dump_folder,
             )
 
-    def train_step(self, data_iterator):
-        for part in self.model_parts:
-            if hasattr(part, "set_training_step"):
-                part.set_training_step(self.step)
-        return super().train_step(data_iterator)
+    @property
+    def train_spec(self):
+        return self._train_spec
+
+    @train_spec.setter
+    def train_spec(self, spec) -> None:
+        # Titan sets the registered spec; this Trainer runs it with the job checks that accept the HF export.
+        self._train_spec = for_trainer(spec)

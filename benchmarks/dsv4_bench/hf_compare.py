@@ -1,7 +1,7 @@
 """Section d: our model vs transformers' DeepseekV4ForCausalLM (eager), same shape, weights and threads.
 
 One process, fp32, ``torch.set_num_threads(2)`` for both. Our debugmodel is initialised from a fixed
-seed and converted to transformers through ``to_hf_config()`` and the state-dict adapter; the logits
+seed and converted to transformers through ``hf_config_from_args`` and the state-dict adapter; the logits
 of the two are compared first, so the timing is known to compare the same computation. Timed:
 forward + next-token cross-entropy + backward, one warmup each, then alternating repetitions so that
 any drift of the machine hits both models alike.
@@ -18,6 +18,7 @@ def build_pair(seq_len: int):
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
     from titan_dsv4.model import DeepSeekV4Model
+    from titan_dsv4.model.hf_config import hf_config_from_args
     from titan_dsv4.model.state_dict_adapter import DeepSeekV4StateDictAdapter
 
     from .shapes import shape_args
@@ -26,7 +27,7 @@ def build_pair(seq_len: int):
     torch.manual_seed(0)
     ours = DeepSeekV4Model(args)
     ours.init_weights()
-    config = args.to_hf_config()
+    config = hf_config_from_args(args)
     config.pop("model_type")
     hf_config = DeepseekV4Config(**config)
     hf_config._attn_implementation = "eager"
@@ -45,10 +46,11 @@ def _loss(logits, tokens):
 def run(quick: bool) -> dict:
     import torch
 
-    import titan_dsv4  # noqa: F401  (CPU support before torchtitan)
+    from titan_dsv4.cpu import apply_cpu_support
 
     from .measure import median, timed
 
+    apply_cpu_support()
     torch.set_num_threads(THREADS)
     seq_len, reps = 2048, (2 if quick else 3)
     ours, hf, args = build_pair(seq_len)

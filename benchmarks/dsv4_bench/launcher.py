@@ -24,7 +24,8 @@ import os
 import torchtitan.protocols.train_spec as train_spec_module
 from torchtitan.train import main
 
-import titan_dsv4  # noqa: F401  (CPU support + deepseek_v4 spec, before torchtitan builds anything)
+import titan_dsv4  # noqa: F401  (registers the deepseek_v4 spec)
+from titan_dsv4.cpu import apply_cpu_support
 from titan_dsv4.trainer import DeepSeekV4Trainer
 
 from .shapes import register_bench_flavors
@@ -90,7 +91,7 @@ def histc_counts_integers_on_cpu() -> None:
     if getattr(original, "counts_integers_on_cpu", False):
         return
 
-    def histc(input, bins=100, min=0, max=0, *, out=None):  # noqa: A002 - torch's signature
+    def histc(input, bins=100, min=0, max=0, *, out=None):  # torch's own signature (min, max)
         if input.is_floating_point() or input.device.type != "cpu" or out is not None or not min < max:
             return original(input, bins=bins, min=min, max=max, out=out)
         values = input.flatten()
@@ -143,5 +144,6 @@ def trainer_class() -> type[DeepSeekV4Trainer]:
 
 
 if __name__ == "__main__":
+    apply_cpu_support()  # as titan_dsv4.train: Titan's device is the CPU where there is no accelerator
     register()
     main(trainer_class())

@@ -13,30 +13,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
-import sys
 import tempfile
 import tomllib
 from pathlib import Path
+
+from titan_dsv4.launch import ROOT, run_train, step_metrics
 
 # How a measured run is configured (read by measured_trainer on every rank; this module imports no torch).
 OUT_ENV = "DSV4_BENCH_OUT"  # path prefix of the per-rank JSON files; unset: no measurements
 WARMUP_ENV = "DSV4_BENCH_WARMUP"  # first steps, not timed (lazy init, first-call allocations)
 PROFILE_ENV = "DSV4_BENCH_PROFILE"  # "1": the last step runs under torch.profiler on rank 0, untimed
-ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = ROOT / "benchmarks"
 CONFIG = ROOT / "train_configs" / "debug_model.toml"  # run_train.sh's default
 RANKS = 2
 SEED = 0
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-STEP = re.compile(
-    r"\[rank(\d)\].*step:\s+(\d+)\s+loss:\s+([0-9.]+).*memory:\s+([0-9.]+)GiB.*tps:\s+([0-9,]+)"
-)
-
-
-def _int(s: str) -> int:
-    return int(s.replace(",", ""))
 
 
 def indexer_warmup_steps() -> int:
@@ -66,9 +56,6 @@ def launch(
     ``profile``: the last step runs under torch.profiler on rank 0 (not timed).
     """
     env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "LOG_RANK": ",".join(map(str, range(RANKS))),
         "NGPU": str(RANKS),
         "TRAIN_FILE": "dsv4_bench.launcher",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR), os.environ.get("PYTHONPATH")])),
@@ -77,10 +64,7 @@ def launch(
         out = os.path.join(tmp, "measured")
         if untimed is not None:
             env.update({OUT_ENV: out, WARMUP_ENV: str(untimed), PROFILE_ENV: "1" if profile else "0"})
-        cmd = [
-            "./run_train.sh",
-            "--model",
-            "deepseek_v4",
+        flags_and_run = [
             *flags,
             "--training.steps",
             str(steps),
@@ -89,26 +73,13 @@ def launch(
             "--job.dump_folder",
             os.path.join(tmp, "dump"),
         ]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        log = ANSI.sub("", proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            raise RuntimeError(f"training {' '.join(flags)} failed (exit {proc.returncode}):\n{log[-3000:]}")
+        log_ranks = ",".join(map(str, range(RANKS)))
+        _, log = run_train(flags_and_run, timeout, log_ranks=log_ranks, env=env, check=True)
         ranks = None
         if untimed is not None:
             ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(RANKS)]
-    return {"flags": flags, "log": log, "titan_steps": titan_steps(log), "ranks": ranks}
-
-
-def titan_steps(log: str) -> dict[int, dict[int, dict]]:
-    """rank -> step -> Titan's logged loss, memory (GiB; peak RSS on CPU) and tps (tokens/s per rank)."""
-    steps: dict[int, dict[int, dict]] = {}
-    for rank, step, loss, mem, tps in STEP.findall(log):
-        steps.setdefault(int(rank), {})[int(step)] = {
-            "loss": float(loss),
-            "memory_gib": float(mem),
-            "tps": _int(tps),
-        }
-    return steps
+    # rank -> step -> Titan's logged figures: loss, memory_gib (peak RSS on CPU), tps (tokens/s per rank), ...
+    return {"flags": flags, "log": log, "titan_steps": step_metrics(log), "ranks": ranks}
 
 
 def measured(run: dict) -> dict:

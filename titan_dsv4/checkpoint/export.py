@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..model.hf_config import hf_config_from_args
 from ..model.state_dict_adapter import DeepSeekV4StateDictAdapter
 
 HASH_TABLE_FILE = "model-hash-tables.safetensors"
@@ -53,7 +54,7 @@ def complete_hf_export(
         )
         with open(index_path, "w") as f:
             json.dump(index, f, indent=2)
-    config = adapter.model_args.to_hf_config()
+    config = hf_config_from_args(adapter.model_args)
     config["dtype"] = str(dtype).removeprefix("torch.")
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)

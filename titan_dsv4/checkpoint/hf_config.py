@@ -7,9 +7,10 @@ import os
 
 from ..flavors import CHECKPOINT_FLAVOR_PREFIX, deepseek_v4_args
 from ..model.args import DeepSeekV4ModelArgs
+from ..model.hf_config import args_from_hf_config, hf_config_from_args
 from .files import CONFIG_FILE, CheckpointError, read_config
 
-# Fields of to_hf_config() that do not change the stored backbone: the run's sequence length, the init
+# Fields of hf_config_from_args() that do not change the stored backbone: the run's sequence length, the init
 # scale, the token ids, and the MTP depth (checked against the stored mtp.* tensors instead).
 _RUNTIME_FIELDS = (
     "max_position_embeddings",
@@ -28,12 +29,12 @@ def model_args_from_checkpoint(folder: str) -> DeepSeekV4ModelArgs:
     config = read_config(folder)
     if config is None:
         raise CheckpointError(f"{folder} has no {CONFIG_FILE}; a Hugging Face checkpoint folder carries one")
-    return DeepSeekV4ModelArgs.from_hf_config(config)
+    return args_from_hf_config(config)
 
 
 def stored_model_fields(args: DeepSeekV4ModelArgs) -> dict:
     """What defines the stored model: the transformers config minus run-time fields."""
-    return {k: v for k, v in args.to_hf_config().items() if k not in _RUNTIME_FIELDS}
+    return {k: v for k, v in hf_config_from_args(args).items() if k not in _RUNTIME_FIELDS}
 
 
 def config_differences(stored: DeepSeekV4ModelArgs, built: DeepSeekV4ModelArgs) -> list[str]:

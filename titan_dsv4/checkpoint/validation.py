@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..model.args import ConfigError, DeepSeekV4ModelArgs
+from ..model.hf_config import args_from_hf_config
 from .files import CheckpointError
 from .hf_config import config_differences, matching_flavor
 from .reader import CheckpointPlan
@@ -29,7 +30,7 @@ def _first(keys: list[str]) -> str:
 def check_config(config: dict, built: DeepSeekV4ModelArgs, folder: str) -> None:
     """The checkpoint's config.json must describe the model built, field for field."""
     try:
-        stored = DeepSeekV4ModelArgs.from_hf_config(config)
+        stored = args_from_hf_config(config)
     except ConfigError as e:
         raise CheckpointMismatchError(f"{folder}/config.json: {e}. {_fix(folder)}") from None
     diffs = config_differences(stored, built)

@@ -2,20 +2,17 @@
 ``indexer_recall``.
 
 The figures come from the model's ``StepMetrics`` (closed at each optimizer step), summed over the
-data-parallel ranks, and go to the metrics backends (TensorBoard, W&B) and onto Titan's console line,
-right after ``loss``.
+data-parallel ranks, and go to the metrics backends (TensorBoard, W&B) with Titan's, and to the console as
+a line of their own right after Titan's step line (``step: N  mtp_loss: ...``).
 """
 
 from __future__ import annotations
 
-import logging
-import re
-
 import torch
 from torchtitan.components.metrics import MetricsProcessor
-from torchtitan.tools.logging import logger as titan_logger
+from torchtitan.tools.logging import logger
 
-_LOSS_FIELD = re.compile(r"(loss: +-?[0-9.]+(?:e[-+]?\d+)?)")
+from ..refusals import release_device_mesh_groups
 
 
 def step_figures(sums: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -33,45 +30,20 @@ def step_figures(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     return figures
 
 
-class _AppendToStepLine(logging.Filter):
-    """Puts the extra figures right after ``loss: x`` on Titan's console line (this call's records only)."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
-        if "step:" in message and "loss:" in message:
-            record.msg = _LOSS_FIELD.sub(lambda m: f"{m.group(1)}  {self.text}", message, count=1)
-        return True
-
-
 class DeepSeekV4MetricsProcessor(MetricsProcessor):
     """Logs the step's MTP and indexer figures beside Titan's own."""
 
     def log(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
         figures = step_figures(self._global_sums())
-        if not figures:
-            return super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
-        console = "  ".join(
-            f"{k}: {v:.5f}"
-            + (f" (chance {figures['indexer_recall_chance']:.3f})" if k == "indexer_recall" else "")
-            for k, v in figures.items()
-            if k != "indexer_recall_chance"
-        )
-        line = _AppendToStepLine(console)
-        titan_logger.addFilter(line)
-        try:
-            super().log(
-                step,
-                global_avg_loss,
-                global_max_loss,
-                grad_norm,
-                {**(extra_metrics or {}), **{f"loss_metrics/{k}": v for k, v in figures.items()}},
-            )
-        finally:
-            titan_logger.removeFilter(line)
+        extra = {**(extra_metrics or {}), **{f"loss_metrics/{k}": v for k, v in figures.items()}}
+        super().log(step, global_avg_loss, global_max_loss, grad_norm, extra)
+        if figures:
+            logger.info(console_line(step, figures))
+
+    def close(self) -> None:
+        super().close()
+        # Titan destroys the world group next: release the meshes' groups first (refusals.py says why).
+        release_device_mesh_groups()
 
     def _global_sums(self) -> dict[str, torch.Tensor]:
         closed = {}
@@ -86,6 +58,17 @@ class DeepSeekV4MetricsProcessor(MetricsProcessor):
         if mesh is not None:
             torch.distributed.all_reduce(values, group=mesh.get_group())
         return dict(zip(names, values))
+
+
+def console_line(step: int, figures: dict[str, float]) -> str:
+    """``step: N  mtp_loss: x  indexer_kl: y  indexer_recall: z (chance c)``, under Titan's step line."""
+    fields = "  ".join(
+        f"{k}: {v:.5f}"
+        + (f" (chance {figures['indexer_recall_chance']:.3f})" if k == "indexer_recall" else "")
+        for k, v in figures.items()
+        if k != "indexer_recall_chance"
+    )
+    return f"step: {step:2}  {fields}"
 
 
 def build_deepseek_v4_metrics_processor(job_config, parallel_dims, model_args=None, tag=None):

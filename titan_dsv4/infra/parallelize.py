@@ -17,9 +17,10 @@ from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3.infra.parallelize import disable_fsdp_gradient_division
 from torchtitan.tools.logging import logger
 
+from ..model.options import ConfigError
 from .expert_parallel import apply_expert_parallel, deepep_available
 from .fsdp_units import shard_unit, shard_with_fp32_units
-from .planning import Layout, experts_shardable, refuse_layout_that_cannot_fit
+from .planning import Layout, experts_shard_dim, experts_shardable, refuse_layout_that_cannot_fit
 
 # Ops whose outputs selective (op) AC keeps instead of recomputing (as Titan's deepseek_v3 does).
 _op_sac_save_list = {
@@ -29,7 +30,7 @@ _op_sac_save_list = {
 }
 
 
-class UnsupportedParallelismError(NotImplementedError):
+class UnsupportedParallelismError(ConfigError, NotImplementedError):
     """A parallelism degree DeepSeek-V4 does not implement yet; raised before any module is touched."""
 
 
@@ -108,7 +109,7 @@ def block_stacks(model: nn.Module) -> list[nn.Module]:
 
 
 def refuse_experts_fsdp_cannot_shard(model_args, parallel_dims: ParallelDims) -> None:
-    """With more efsdp x ep ranks than experts, FSDP shards experts on dim 1, which must divide evenly."""
+    """Experts FSDP shards on dim 1 (``experts_shard_dim``) must divide evenly over efsdp."""
     layout = Layout.of(parallel_dims)
     if not experts_shardable(model_args, layout):
         raise UnsupportedParallelismError(
@@ -143,15 +144,11 @@ def hca_param_sync_group(mesh: DeviceMesh | None) -> dist.ProcessGroup | None:
 
     Multi-dimensional (HSDP) meshes disable alignment: one MAX over the flattened ranks would make a
     replica group pool synthetic windows because of another replica's data, and reducing over only
-    one of the dims would miss the ranks that really share shards. None also for no mesh, size 1, or
-    a mesh object that cannot answer its shape.
+    one of the dims would miss the ranks that really share shards. None also for no mesh or size 1.
     """
     if mesh is None:
         return None
-    try:
-        ndim, size = mesh.ndim, mesh.size()
-    except Exception:  # a stand-in mesh without a shape: no alignment rather than a guess
-        return None
+    ndim, size = mesh.ndim, mesh.size()
     if ndim > 1:
         logger.info(
             f"HCA graph alignment disabled: the data-parallel mesh {mesh.mesh_dim_names} is {ndim}-D, and no "
@@ -296,8 +293,8 @@ def apply_fsdp(
     conventions.
 
     Under EP the routed experts are their own unit on the expert data-parallel mesh, with the block's
-    policy, sharded on dim 1 when there are fewer experts than efsdp x ep ranks (as Titan's
-    llama4/deepseek_v3).
+    policy, sharded on the dim ``experts_shard_dim`` names (dim 1 when there are fewer experts than efsdp x ep
+    ranks, as Titan's llama4/deepseek_v3).
     """
     offload = CPUOffloadPolicy() if cpu_offload else None
     common = dict(
@@ -312,7 +309,7 @@ def apply_fsdp(
             if expert_mesh is not None:
                 experts = _block_of(unit).moe.experts
                 efsdp = expert_mesh["efsdp"].size() if expert_mesh.ndim > 1 else expert_mesh.size()
-                placement = (lambda p: Shard(1)) if efsdp * ep_degree > experts.num_experts else None
+                dim = experts_shard_dim(experts.num_experts, efsdp, ep_degree)
                 shard_unit(
                     experts,
                     mesh=expert_mesh,
@@ -320,7 +317,7 @@ def apply_fsdp(
                     reshard_after_forward=reshard_after_forward,
                     ignored_params=ignored_params,
                     offload_policy=offload,
-                    shard_placement_fn=placement,
+                    shard_placement_fn=lambda p, dim=dim: Shard(dim),
                 )
             shard_with_fp32_units(unit, reshard_after_forward=reshard_after_forward, **common)
     shard_with_fp32_units(model, reshard_after_forward=None, **common)

@@ -1,7 +1,10 @@
-"""What FSDP built: one record per unit (dtypes, resharding, sizes), for tests and dry-run plans."""
+"""What FSDP built: one record per unit (dtypes, resharding, sizes, mesh), for tests, dry runs, the planner.
+
+The one place that reads FSDP2's private state (``_get_fsdp_state``, ``_fsdp_param_group``)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +27,9 @@ class UnitInfo:
     numel: int  # global parameter elements
     local_numel: int  # this rank's shard
     local_bytes: int
+    padded_local_numel: int  # this rank's shard as FSDP2 stores it: the sharded dim padded to the ranks
+    shard_ranks: int  # the mesh the unit is sharded over
+    replicate_ranks: int  # HSDP replicas
 
 
 def _kind(name: str, module: nn.Module, is_root: bool) -> str:
@@ -59,7 +65,7 @@ def fsdp_units(model: nn.Module) -> list[UnitInfo]:
         group = state._fsdp_param_group
         if group is None:
             continue
-        storage, compute, numel, local, local_bytes = set(), set(), 0, 0, 0
+        storage, compute, numel, local, local_bytes, padded = set(), set(), 0, 0, 0, 0
         for fp in group.fsdp_params:
             sharded = fp.sharded_param
             storage.add(sharded.dtype)
@@ -68,6 +74,8 @@ def fsdp_units(model: nn.Module) -> list[UnitInfo]:
             loc = sharded.to_local() if hasattr(sharded, "to_local") else sharded
             local += loc.numel()
             local_bytes += loc.numel() * loc.element_size()
+            padded += math.prod(fp.padded_sharded_param_size)
+        mesh = group.fsdp_params[0].mesh_info
         units.append(
             UnitInfo(
                 name=canonical_name(name) or "<root>",
@@ -81,6 +89,9 @@ def fsdp_units(model: nn.Module) -> list[UnitInfo]:
                 numel=numel,
                 local_numel=local,
                 local_bytes=local_bytes,
+                padded_local_numel=padded,
+                shard_ranks=getattr(mesh, "shard_mesh_size", 1),
+                replicate_ranks=getattr(mesh, "replicate_mesh_size", 1),
             )
         )
     return units

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .args import DeepSeekV4ModelArgs
+if TYPE_CHECKING:  # args imports this module for Titan's get_nparams_and_flops
+    from .args import DeepSeekV4ModelArgs
 
 MTP_PREFIX = "mtp."
 
@@ -62,33 +65,70 @@ def count_params(args: DeepSeekV4ModelArgs, model: nn.Module) -> tuple[int, int]
     return counts.total, counts.active
 
 
-def block_params(a: DeepSeekV4ModelArgs, ratio: int) -> int:
-    """Closed-form parameter count of one transformer block with compression ``ratio``."""
+Shape = tuple[int, ...]
+
+
+def block_param_shapes(a: DeepSeekV4ModelArgs, ratio: int) -> dict[str, list[Shape]]:
+    """One block's parameter shapes, grouped as FSDP's unit rules split them (the planner shards these):
+    fp32 islands, fp32 holders, routed experts, and the rest of the block."""
     D, H, d, q, n = a.dim, a.n_heads, a.head_dim, a.q_lora_rank, a.hc_mult
     E, inter = a.moe_args.num_experts, a.moe_inter_dim
-    attn = D * q + q + q * H * d + D * d + d + a.o_groups * a.o_lora_rank * (H * d // a.o_groups)
-    attn += a.o_groups * a.o_lora_rank * D + H
+    mhc = [((2 + n) * n, n * D), ((2 + n) * n,), (3,)]  # fn, base, scale
+    go = a.o_groups * a.o_lora_rank
+    rest = [(D,), (D,), (q, D), (q,), (H * d, q), (d, D), (d,), (go, H * d // a.o_groups), (D, go)]
+    rest += [(E, D), (inter, D), (D, inter), (inter, D)]  # router gate, shared expert
+    island, holder = mhc + mhc, [(H,)]  # attn_hc and ffn_hc; sinks
     if ratio == a.hca_ratio:
-        attn += 2 * D * d + ratio * d + d
+        island += [(d, D), (d, D)]
+        holder += [(ratio, d)]
+        rest += [(d,)]
     elif ratio == a.csa_ratio:
         dI, nI = a.index_head_dim, a.index_n_heads
-        attn += 2 * D * 2 * d + ratio * 2 * d + d
-        attn += 2 * D * 2 * dI + ratio * 2 * dI + dI + q * nI * dI + D * nI
-    moe = E * D + E * 3 * D * inter + 3 * D * inter
-    hc = 2 * ((2 + n) * n * n * D + (2 + n) * n + 3)
-    return attn + moe + hc + 2 * D
+        island += [(2 * d, D), (2 * d, D), (2 * dI, D), (2 * dI, D)]  # compressor and indexer wkv / wgate
+        holder += [(ratio, 2 * d), (ratio, 2 * dI)]
+        rest += [(d,), (dI,), (nI * dI, q), (nI, D)]  # their norms, the indexer's wq_b and weights_proj
+    experts = [(E, inter, D), (E, D, inter), (E, inter, D)]  # w1, w2, w3
+    return {"island": island, "holder": holder, "experts": experts, "block": rest}
+
+
+def mtp_depth_param_shapes(a: DeepSeekV4ModelArgs) -> dict[str, list[Shape]]:
+    """One MTP depth: a sliding block, enorm / hnorm / norm, e_proj / h_proj and its own HyperHead."""
+    D = a.dim
+    parts = block_param_shapes(a, 0)
+    parts["island"] = parts["island"] + hyper_head_shapes(a)
+    parts["block"] = parts["block"] + [(D,), (D,), (D,), (D, D), (D, D)]
+    return parts
+
+
+def root_param_shapes(a: DeepSeekV4ModelArgs) -> dict[str, list[Shape]]:
+    """Outside the blocks: hc_head and lm_head (fp32 islands), tok_embeddings and the final norm."""
+    V, D = a.vocab_size, a.dim
+    return {"island": hyper_head_shapes(a) + [(V, D)], "block": [(V, D), (D,)]}
+
+
+def hyper_head_shapes(a: DeepSeekV4ModelArgs) -> list[Shape]:
+    """The HyperHead's mixer: fn [n, n*D], base [n], scale [1]."""
+    n = a.hc_mult
+    return [(n, n * a.dim), (n,), (1,)]
+
+
+def _numel(parts: dict[str, list[Shape]]) -> int:
+    return sum(math.prod(shape) for shapes in parts.values() for shape in shapes)
+
+
+def block_params(a: DeepSeekV4ModelArgs, ratio: int) -> int:
+    """Closed-form parameter count of one transformer block with compression ``ratio``."""
+    return _numel(block_param_shapes(a, ratio))
 
 
 def mtp_depth_params(a: DeepSeekV4ModelArgs) -> int:
     """One MTP depth: a sliding block, e_proj/h_proj, enorm/hnorm/norm and its own HyperHead."""
-    D, n = a.dim, a.hc_mult
-    return block_params(a, 0) + 2 * D * D + 3 * D + n * n * D + n + 1
+    return _numel(mtp_depth_param_shapes(a))
 
 
 def analytic_nparams(a: DeepSeekV4ModelArgs) -> int:
     """Closed-form parameter count (no model built), MTP depths included; cross-checks the meta model."""
-    n = a.hc_mult
-    total = 2 * a.vocab_size * a.dim + a.dim + n * n * a.dim + n + 1
+    total = _numel(root_param_shapes(a))
     total += sum(block_params(a, a.compress_ratios[i]) for i in range(a.n_layers))
     return total + a.mtp_layers * mtp_depth_params(a)
 

@@ -8,7 +8,6 @@ One source of defaults: every architecture field defaults to transformers' ``Dee
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -16,17 +15,16 @@ from torchtitan.models.moe import MoEArgs
 from torchtitan.protocols.model import BaseModelArgs
 from torchtitan.tools.logging import logger
 
+from .options import ATTN_IMPLS, ATTN_MASK_TYPES, FP32_COMPUTE_PARTS, ConfigError, TrainingOptions
+
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 HASH_MOE, MOE = "hash_moe", "moe"
 ROPE_TYPES = ("default", "yarn")
 SCORE_FUNCS = ("sqrtsoftplus", "sigmoid")
-ATTN_MASK_TYPES = ("causal", "block_causal")
-# Parts of a bf16 step that can compute in fp32 (see ``fp32_compute``); no-ops when activations are fp32.
-FP32_COMPUTE_PARTS = ("attention_logits", "router", "experts", "hc_mixing")
+# transformers' max_position_embeddings default (YaRN tables without an original length fall back to it)
+HF_MAX_POSITION_EMBEDDINGS = 1048576
 
-
-class ConfigError(ValueError):
-    """A model or job configuration DeepSeek-V4 cannot run; the message names the fix."""
+__all__ = ["ATTN_IMPLS", "ATTN_MASK_TYPES", "FP32_COMPUTE_PARTS", "ConfigError", "DeepSeekV4ModelArgs"]
 
 
 @dataclass
@@ -59,8 +57,9 @@ def v4_moe_args(
 
 
 @dataclass
-class DeepSeekV4ModelArgs(BaseModelArgs):
-    """Shapes and schedules of one DeepSeek-V4 model (transformers' names in comments, defaults its own)."""
+class DeepSeekV4ModelArgs(TrainingOptions, BaseModelArgs):
+    """Shapes and schedules of one DeepSeek-V4 model (transformers' names in comments, defaults its own); the
+    training options (``options.py``, the ``[deepseek_v4]`` section) are inherited fields."""
 
     # ---- architecture (what config.json stores) ---------------------------------------------
     vocab_size: int = 129280
@@ -97,22 +96,11 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
     init_std: float = 0.02  # initializer_range
     eos_id: int = 1  # eos_token_id: ends a document under attn_mask_type "block_causal"
 
-    # ---- run-time options (not stored in config.json) -----------------------------------------
+    # ---- run-time fields (not stored in config.json; the [deepseek_v4] options are inherited) ---------
     max_seq_len: int = 4096  # rotary table length; follows training.seq_len
     # Titan's Trainer reads attn_type to decide whether to build flex/varlen masks; DeepSeek-V4
     # builds its own masks inside attention, so this stays "sdpa".
     attn_type: str = "sdpa"
-    # "sparse": block-local window + gathered entries (training default); "dense": the masked
-    # [S x (S+T)] reference every fast path is tested against.
-    attn_impl: str = "sparse"
-    attn_mask_type: str = "causal"  # or "block_causal": documents (ending with eos_id) stay apart
-    mtp_loss_weight: float = 0.1
-    indexer_loss_weight: float = 0.0  # 0: the Lightning Indexer is frozen (no KL, no gradient)
-    indexer_warmup_steps: int = 0  # steps of dense CSA attention in which only the indexer learns
-    log_indexer_recall: bool = False  # measure indexer_recall in training even with the indexer frozen
-    # bf16 steps: parts that compute in fp32 (FP32_COMPUTE_PARTS). The default is the pair the numerics
-    # report found to pay (benchmarks/numerics.py, README "Numerics"); a no-op in fp32.
-    fp32_compute: tuple[str, ...] = ("attention_logits", "hc_mixing")
 
     # ---- schedule ----------------------------------------------------------------------------
     def layer_type(self, layer_id: int) -> str:
@@ -175,17 +163,7 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
                 problems.append(f"{name}: YaRN needs factor >= 1 and original_max_position_embeddings >= 1")
         if self.mtp_layers < 0:
             problems.append(f"mtp_layers={self.mtp_layers} must be >= 0 (0: no multi-token prediction)")
-        if self.attn_impl not in ("sparse", "dense"):
-            problems.append(
-                f"attn_impl={self.attn_impl!r} is unknown; use 'sparse' (fast) or 'dense' (reference)"
-            )
-        if self.attn_mask_type not in ATTN_MASK_TYPES:
-            problems.append(
-                f"attn_mask_type={self.attn_mask_type!r} is unknown; use one of {ATTN_MASK_TYPES}"
-            )
-        unknown = sorted(set(self.fp32_compute) - set(FP32_COMPUTE_PARTS))
-        if unknown:
-            problems.append(f"fp32_compute names unknown parts {unknown}; known: {FP32_COMPUTE_PARTS}")
+        problems += self.option_problems()
         if problems:
             raise ConfigError("Invalid DeepSeek-V4 model args:\n  - " + "\n  - ".join(problems))
 
@@ -204,29 +182,17 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
 
     # ---- Titan protocol ------------------------------------------------------------------------
     def update_from_config(self, job_config, **kwargs) -> None:
-        """Apply the job: sequence length, the ``[deepseek_v4]`` section, Titan's MoE switches; then
-        validate."""
+        """Apply the job (seq_len, the ``[deepseek_v4]`` section, Titan's MoE switches), then validate.
+
+        The job's own checks (``titan_dsv4.job_config.check_job``) have run before, from the spec's first
+        hook; what is checked here is what makes these args consistent.
+        """
         seq_len = job_config.training.seq_len
         self.check_seq_len(seq_len)
-        validation = getattr(job_config, "validation", None)
+        validation = job_config.validation
         # the rotary tables cover the longest sequence the job runs (Titan validates at validation.seq_len)
-        self.max_seq_len = max(
-            seq_len, validation.seq_len if validation is not None and validation.enable else 0
-        )
-        self._check_tokenizer_fits(job_config.model.hf_assets_path)
-        from .sequence_shard import check_context_parallel
-
-        check_context_parallel(job_config, self)
-        ep = job_config.parallelism.expert_parallel_degree
-        if ep > 1 and self.moe_args.num_experts % ep:
-            raise ConfigError(
-                f"expert_parallel_degree={ep} must divide the {self.moe_args.num_experts} routed experts: "
-                f"each EP "
-                f"rank owns the same number of experts. Pick a divisor of {self.moe_args.num_experts}."
-            )
-        section = getattr(job_config, "deepseek_v4", None)
-        if section is not None:
-            apply_options(self, section)
+        self.max_seq_len = max(seq_len, validation.seq_len if validation.enable else 0)
+        self.apply_section(job_config.deepseek_v4)
         from torchtitan.tools.utils import has_cuda_capability
 
         if self.moe_args.use_grouped_mm and not has_cuda_capability(9, 0):
@@ -235,19 +201,11 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
         self.moe_args._debug_force_load_balance = job_config.debug.moe_force_load_balance
         self.validate()
 
-    def _check_tokenizer_fits(self, hf_assets_path: str | None) -> None:
-        path = os.path.join(hf_assets_path or "", "tokenizer.json")
-        if not hf_assets_path or not os.path.isfile(path):
-            return
-        from tokenizers import Tokenizer
-
-        n = Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
-        if n > self.vocab_size:
-            raise ConfigError(
-                f"the tokenizer at {hf_assets_path} has {n} tokens but the model vocab_size is "
-                f"{self.vocab_size}: token ids >= {self.vocab_size} would index past the embedding. "
-                "Use a flavor with a larger vocab_size or the matching tokenizer (--model.hf_assets_path)."
-            )
+    def apply_section(self, section) -> None:
+        """The ``[deepseek_v4]`` section's options; its ``mtp_layers`` only when set (None: the flavor's)."""
+        self.copy_options_from(section)
+        if section.mtp_layers is not None:
+            self.mtp_layers = section.mtp_layers
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
         from .accounting import count_params, train_flops_per_token
@@ -255,20 +213,6 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
         total, active = count_params(self, model)
         logger.info(f"DeepSeek-V4 parameters: total {total:,}, active per token {active:,}")
         return total, int(train_flops_per_token(self, seq_len))
-
-    # ---- config.json (implemented in hf_config.py) ----------------------------------------------
-    @classmethod
-    def from_hf_config(cls, config: dict | str) -> DeepSeekV4ModelArgs:
-        """Args from a transformers ``config.json`` (dict, file or folder), read as transformers reads it."""
-        from .hf_config import args_from_hf_config
-
-        return args_from_hf_config(config)
-
-    def to_hf_config(self) -> dict:
-        """The transformers ``config.json`` dict that rebuilds exactly this model."""
-        from .hf_config import hf_config_from_args
-
-        return hf_config_from_args(self)
 
     def replace(self, **changes) -> DeepSeekV4ModelArgs:
         """A deep copy with some fields changed (flavors are shared singletons in Titan)."""
@@ -280,57 +224,5 @@ class DeepSeekV4ModelArgs(BaseModelArgs):
             **changes,
         )
         new.compress_ratios = list(new.compress_ratios)
+        new.fp32_compute = list(new.fp32_compute)
         return new
-
-
-# [deepseek_v4] keys -> the model-args field each sets (None in the section: keep the flavor's value).
-OPTION_FIELDS = {
-    "mtp_layers": "mtp_layers",
-    "mtp_loss_weight": "mtp_loss_weight",
-    "indexer_loss_weight": "indexer_loss_weight",
-    "indexer_warmup_steps": "indexer_warmup_steps",
-    "attn_mask_type": "attn_mask_type",
-    "attn_impl": "attn_impl",
-    "log_indexer_recall": "log_indexer_recall",
-    "fp32_compute": "fp32_compute",
-}
-
-
-def apply_options(args: DeepSeekV4ModelArgs, section) -> None:
-    """Copy the ``[deepseek_v4]`` section onto ``args``, refusing a value the model cannot serve."""
-    for key, name in OPTION_FIELDS.items():
-        value = getattr(section, key, None)
-        if value is not None:
-            if isinstance(
-                value, list
-            ):  # the CLI's comma-separated list; "" (one empty item) is the empty list
-                value = tuple(item for item in value if item)
-            setattr(args, name, value)
-    problems = []
-    if args.mtp_layers < 0:
-        problems.append(f"deepseek_v4.mtp_layers={args.mtp_layers}: the number of MTP depths must be >= 0")
-    for key in ("mtp_loss_weight", "indexer_loss_weight"):
-        if getattr(args, key) < 0:
-            problems.append(f"deepseek_v4.{key}={getattr(args, key)}: a loss weight must be >= 0")
-    if args.indexer_warmup_steps < 0:
-        problems.append(f"deepseek_v4.indexer_warmup_steps={args.indexer_warmup_steps} must be >= 0")
-    if args.indexer_warmup_steps > 0 and args.indexer_loss_weight == 0:
-        problems.append(
-            f"deepseek_v4.indexer_warmup_steps={args.indexer_warmup_steps} trains only the indexer, but "
-            "deepseek_v4.indexer_loss_weight is 0 (indexer frozen): set --deepseek_v4.indexer_loss_weight > "
-            "0 "
-            "or --deepseek_v4.indexer_warmup_steps 0"
-        )
-    if args.attn_mask_type not in ATTN_MASK_TYPES:
-        problems.append(f"deepseek_v4.attn_mask_type={args.attn_mask_type!r}: use one of {ATTN_MASK_TYPES}")
-    if args.attn_impl not in ("sparse", "dense"):
-        problems.append(
-            f"deepseek_v4.attn_impl={args.attn_impl!r}: use 'sparse' (fast) or 'dense' (reference)"
-        )
-    unknown = sorted(set(args.fp32_compute) - set(FP32_COMPUTE_PARTS))
-    if unknown:
-        problems.append(
-            f"deepseek_v4.fp32_compute names unknown parts {unknown}; known: {list(FP32_COMPUTE_PARTS)}"
-        )
-    if problems:
-        raise ConfigError("Invalid [deepseek_v4] options:\n  - " + "\n  - ".join(problems))

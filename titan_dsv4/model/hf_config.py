@@ -18,7 +18,19 @@ import json
 import math
 import os
 
-from .args import CSA, HASH_MOE, HCA, MOE, SLIDING, ConfigError, DeepSeekV4ModelArgs, RopeTable, v4_moe_args
+from .args import (
+    CSA,
+    HASH_MOE,
+    HCA,
+    HF_MAX_POSITION_EMBEDDINGS,
+    MOE,
+    SCORE_FUNCS,
+    SLIDING,
+    ConfigError,
+    DeepSeekV4ModelArgs,
+    RopeTable,
+    v4_moe_args,
+)
 
 # transformers maps legacy compress_ratios through this fixed table, then takes the rates from compress_rates.
 _LEGACY_RATIO_TYPES = {0: SLIDING, 4: CSA, 128: HCA}
@@ -124,7 +136,10 @@ def _rope_tables(c: dict, head_dim: int, partial: float) -> dict[str, dict]:
         tables = {"main": main, "compress": compress}
     for t in tables.values():
         if t["rope_type"] == "yarn":
-            t.setdefault("original_max_position_embeddings", c.get("max_position_embeddings", 1048576))
+            t.setdefault(
+                "original_max_position_embeddings",
+                c.get("max_position_embeddings", HF_MAX_POSITION_EMBEDDINGS),
+            )
     return tables
 
 
@@ -171,8 +186,8 @@ def _table(name: str, t: dict, head_dim: int, max_positions: int) -> tuple[RopeT
         float(t["rope_theta"]),
         factor,
         original,
-        float(t.get("beta_fast") or 32),
-        float(t.get("beta_slow") or 1),
+        float(t.get("beta_fast") or RopeTable().beta_fast),
+        float(t.get("beta_slow") or RopeTable().beta_slow),
     )
     return table, dim
 
@@ -193,15 +208,14 @@ def _refuse_unimplemented(c: dict) -> None:
             continue  # transformers' "swish" is SiLU too
         if value != expected:
             raise _refuse(key, value, f"{why}; only {expected!r} is supported")
-    from .args import SCORE_FUNCS
-
-    score = c.get("scoring_func", "sqrtsoftplus")
+    d = DeepSeekV4ModelArgs()
+    score = c.get("scoring_func", d.moe_args.score_func)
     if score not in SCORE_FUNCS:
         raise _refuse("scoring_func", score, f"implemented router scores are {SCORE_FUNCS}")
-    iters = c.get("hc_sinkhorn_iters", 20)
+    iters = c.get("hc_sinkhorn_iters", d.hc_sinkhorn_iters)
     if not isinstance(iters, int) or iters < 1:
         raise _refuse("hc_sinkhorn_iters", iters, "Sinkhorn needs at least one (column) iteration")
-    hc = c.get("hc_mult", 4)
+    hc = c.get("hc_mult", d.hc_mult)
     if not isinstance(hc, int) or hc < 1:
         raise _refuse("hc_mult", hc, "the number of mHC streams must be a positive integer")
 
@@ -234,7 +248,7 @@ def args_from_hf_config(config: dict | str | os.PathLike) -> DeepSeekV4ModelArgs
         partial = int(c["qk_rope_head_dim"]) / head_dim
     else:
         partial = d.rope_head_dim / d.head_dim
-    max_positions = int(c.get("max_position_embeddings", 1048576))
+    max_positions = int(c.get("max_position_embeddings", HF_MAX_POSITION_EMBEDDINGS))
     resolved = _rope_tables(c, head_dim, partial)
     (main, main_dim), (compress, compress_dim) = (
         _table(name, resolved[name], head_dim, max_positions) for name in _ROPE_TABLES
@@ -344,7 +358,7 @@ def hf_config_from_args(a: DeepSeekV4ModelArgs) -> dict:
             "compress": _rope_parameters(a.compress_rope, partial),
         },
         "num_nextn_predict_layers": a.mtp_layers,
-        "max_position_embeddings": max(a.max_seq_len, 1048576),
+        "max_position_embeddings": max(a.max_seq_len, HF_MAX_POSITION_EMBEDDINGS),
         "initializer_range": a.init_std,
         "tie_word_embeddings": False,
         "hidden_act": "silu",

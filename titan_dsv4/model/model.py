@@ -175,19 +175,26 @@ class DeepSeekV4Model(ModelProtocol):
         self._hca_compressors = [m for m in self.modules() if isinstance(m, Compressor) and m.kind == HCA]
         self.n_csa_layers = sum(model_args.layer_type(i) == CSA for i in range(model_args.n_layers))
         self.step_metrics = StepMetrics()
-        self.training_step = (
-            0  # 1-based, set by titan_dsv4's Trainer before each step (the indexer's warm-up)
-        )
+        self.training_clock = None  # bound by the train spec's LR-scheduler builder (infra/optimizer.py)
+        self.training_step = 1  # the step when no clock is bound (a model driven by hand)
         # Context parallelism (bound by parallelize): the cp group and how many chunks a rank holds.
         self.cp_group = None
         self.cp_chunks_per_rank = 1
+
+    def bind_training_clock(self, clock) -> None:
+        """``clock.step``: the 1-based step the next training forward belongs to (the indexer's warm-up)."""
+        self.training_clock = clock
 
     def set_context_parallel(self, group, chunks_per_rank: int) -> None:
         """Bind the ``cp`` mesh's group; forward then takes Titan's sharded inputs and their positions."""
         self.cp_group, self.cp_chunks_per_rank = group, chunks_per_rank
 
     def set_training_step(self, step: int) -> None:
+        """Drive the step by hand (no clock bound)."""
         self.training_step = step
+
+    def current_step(self) -> int:
+        return self.training_step if self.training_clock is None else self.training_clock.step
 
     def blocks(self) -> list[nn.Module]:
         """Every transformer block (as wrapped by AC/compile), MTP depths' blocks included."""
@@ -209,7 +216,7 @@ class DeepSeekV4Model(ModelProtocol):
             self.rope,
             tokens,
             docs,
-            indexer_dense=learn_indexer and max(self.training_step, 1) <= args.indexer_warmup_steps,
+            indexer_dense=learn_indexer and self.current_step() <= args.indexer_warmup_steps,
             indexer_loss=learn_indexer,
             measure_indexer=self.training and (learn_indexer or args.log_indexer_recall),
             shard=shard,

@@ -107,7 +107,7 @@ class ClampedGroupedExperts(GroupedExperts):
         w1, w2, w3 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
         if not self.use_grouped_mm or x.device.type != "cuda":  # grouped mm is a CUDA (SM90+) kernel
             return _experts_for_loop(w1, w2, w3, x, num_tokens_per_expert, self.limit, self.row_groups)
-        fn = lambda *a: _experts_grouped_mm(*a, self.limit)  # noqa: E731
+        fn = lambda *a: _experts_grouped_mm(*a, self.limit)
         ep_sharded = isinstance(self.w1, DTensor) and "ep" in self.w1.device_mesh.mesh_dim_names
         if not ep_sharded:
             fn = indices_padding_wrapper(fn)

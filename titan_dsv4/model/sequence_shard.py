@@ -91,8 +91,7 @@ def check_context_parallel(job_config, args: DeepSeekV4ModelArgs) -> None:
     check_cp_seq_len(
         job_config.training.seq_len, p.context_parallel_degree, args, p.context_parallel_load_balancer
     )
-    validation = getattr(job_config, "validation", None)
-    if validation is not None and validation.enable:
+    if job_config.validation.enable:
         raise ConfigError(
             "validation.enable with context_parallel_degree > 1: Titan 0.2.2's validator wraps the model in "
             "its ring-attention context (it shards a llama ``freqs_cis`` buffer that DeepSeek-V4 does not "

@@ -1,0 +1,130 @@
+"""Checkpoints under expert parallelism, on 2 CPU ranks through ./run_train.sh.
+
+HF load reads each rank's own expert slices (FP8/FP4 dequantized), the HF export loads in transformers;
+DCP resume at EP 2 is bit-exact, and DCP checkpoints move between EP 1 and EP 2 in both directions.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tests.helpers.checkpoint_fixtures import make_checkpoints
+from tests.helpers.titan_runs import (
+    HF_LOAD,
+    RESUMABLE,
+    TOL,
+    assert_each_rank_read_its_half,
+    assert_first_step_matches,
+    checkpoint_state,
+    differences,
+    first_global_batch,
+    our_model_from,
+    run_with_fault,
+    transformers_loss,
+)
+from titan_dsv4.launch import losses, run_train
+
+EP2 = ["--parallelism.expert_parallel_degree", "2"]
+
+
+@pytest.mark.slow
+def test_hf_load_and_export_at_ep_2(tmp_path):
+    from transformers import DeepseekV4ForCausalLM
+
+    checkpoints = make_checkpoints(str(tmp_path / "hf"))
+    batch = first_global_batch()
+    rc, log = run_train(
+        [
+            *HF_LOAD,
+            *EP2,
+            "--checkpoint.initial_load_path",
+            checkpoints["folders"]["quantized"],
+            "--checkpoint.last_save_in_hf",
+            "--job.dump_folder",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert rc == 0, log[-4000:]
+    assert "FP8/FP4 dequantized on read" in log
+    assert_first_step_matches(log, transformers_loss(checkpoints["quantized_reference"], batch))
+    assert_each_rank_read_its_half(log)  # each rank reads its own experts (and its FSDP shard of the rest)
+    export = tmp_path / "run" / "checkpoint" / "step-1"
+    hf, info = DeepseekV4ForCausalLM.from_pretrained(
+        str(export), dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    tokens = batch[0][:2, :300]
+    with torch.no_grad():
+        diff = (our_model_from(str(export))(tokens) - hf.eval()(input_ids=tokens).logits).abs().max().item()
+    assert diff <= TOL, diff
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """10 seeded fp32 steps at EP 1 and at EP 2, checkpoints at steps 5 and 10."""
+    runs = {}
+    for name, extra in (("ep1", []), ("ep2", EP2)):
+        dump = tmp_path_factory.mktemp(name)
+        rc, log = run_train(
+            [
+                *RESUMABLE,
+                *extra,
+                "--training.mixed_precision_param",
+                "float32",
+                "--job.dump_folder",
+                str(dump),
+            ]
+        )
+        assert rc == 0, log[-4000:]
+        runs[name] = (dump, losses(log))
+    return runs
+
+
+@pytest.mark.slow
+def test_ep_2_trains_as_ep_1(straight):
+    """fp32, same seed and data: EP 2's losses are EP 1's (the experts' per-rank gradients sum as FSDP's)."""
+    ep1, ep2 = straight["ep1"][1], straight["ep2"][1]
+    assert sorted(ep1) == list(range(1, 11))
+    assert max(abs(ep1[s] - ep2[s]) for s in ep1) <= 1e-5, (ep1, ep2)
+
+
+@pytest.mark.slow
+def test_resume_at_ep_2_is_bit_exact(straight, tmp_path):
+    dump, ref = straight["ep2"]
+    args = [
+        *RESUMABLE,
+        *EP2,
+        "--training.mixed_precision_param",
+        "float32",
+        "--job.dump_folder",
+        str(tmp_path),
+    ]
+    rc, log = run_with_fault(args, "stop:5", tmp_path / "mark")
+    assert rc == 0, log[-4000:]
+    rc, log = run_train(args)
+    assert rc == 0, log[-4000:]
+    assert "Training starts at step 6" in log
+    assert losses(log) == {s: ref[s] for s in range(6, 11)}
+    resumed = checkpoint_state(tmp_path / "checkpoint" / "step-10", tmp_path)
+    (tmp_path / "ref").mkdir()
+    reference = checkpoint_state(dump / "checkpoint" / "step-10", tmp_path / "ref")
+    assert not differences(resumed, reference), differences(resumed, reference)[:10]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved, resumed", [("ep1", "ep2"), ("ep2", "ep1")])
+def test_dcp_checkpoints_move_between_ep_1_and_ep_2(straight, tmp_path, saved, resumed):
+    source, ref = straight[saved]
+    target = tmp_path / "run"
+    shutil.copytree(source / "checkpoint" / "step-5", target / "checkpoint" / "step-5")
+    extra = EP2 if resumed == "ep2" else []
+    rc, log = run_train(
+        [*RESUMABLE, *extra, "--training.mixed_precision_param", "float32", "--job.dump_folder", str(target)]
+    )
+    assert rc == 0, log[-4000:]
+    assert "Training starts at step 6" in log
+    got = losses(log)
+    assert sorted(got) == [6, 7, 8, 9, 10] and max(abs(got[s] - ref[s]) for s in got) <= 1e-5, (got, ref)

@@ -1,0 +1,139 @@
+"""Hugging Face checkpoints through ``./run_train.sh`` on 2 CPU ranks: load, train, export.
+
+The same random debugmodel-shaped transformers model is stored three ways (save_pretrained, DeepSeek's
+released names with MTP extras, and released FP8/FP4 storage). Each folder is loaded with
+``--checkpoint.initial_load_path DIR --checkpoint.initial_load_in_hf``, and the first step's loss must be
+transformers' loss on the very batch Titan feeds (fp32). The export (``--checkpoint.last_save_in_hf``) must
+load with ``DeepseekV4ForCausalLM.from_pretrained`` and give our model's logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers.checkpoint_fixtures import make_checkpoints
+from tests.helpers.titan_runs import (
+    HF_LOAD,
+    TOL,
+    assert_each_rank_read_its_half,
+    assert_first_step_matches,
+    first_global_batch,
+    our_model_from,
+    transformers_loss,
+)
+from titan_dsv4.launch import ROOT, run_train
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return make_checkpoints(str(tmp_path_factory.mktemp("hf_checkpoints")))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return first_global_batch()
+
+
+@pytest.mark.slow
+def test_save_pretrained_folder_trains_and_exports_a_folder_transformers_loads(checkpoints, batch, tmp_path):
+    from transformers import DeepseekV4ForCausalLM
+
+    rc, log = run_train(
+        [
+            *HF_LOAD,
+            "--checkpoint.initial_load_path",
+            checkpoints["folders"]["save_pretrained"],
+            "--checkpoint.last_save_in_hf",
+            "--job.dump_folder",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 0, log[-4000:]
+    assert "transformers save_pretrained layout, 122 tensors" in log
+    assert_first_step_matches(log, transformers_loss(checkpoints["hf"], batch))
+    assert_each_rank_read_its_half(log)
+
+    export = tmp_path / "checkpoint" / "step-1"
+    hf, info = DeepseekV4ForCausalLM.from_pretrained(
+        str(export), dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ours = our_model_from(str(export))
+    tokens = batch[0][:2, :300]
+    with torch.no_grad():
+        diff = (ours(tokens) - hf.eval()(input_ids=tokens).logits).abs().max().item()
+    assert diff <= TOL, diff
+    trained = hf.state_dict()["model.layers.2.mlp.experts.gate_up_proj"]
+    assert not torch.equal(trained, checkpoints["hf"].state_dict()["model.layers.2.mlp.experts.gate_up_proj"])
+
+
+@pytest.mark.slow
+def test_released_folder_loads_through_the_generated_toml(checkpoints, batch, tmp_path):
+    from titan_dsv4.checkpoint.convert_config import render
+
+    config = tmp_path / "from_checkpoint.toml"
+    config.write_text(
+        render(checkpoints["folders"]["released"], str(ROOT / "train_configs" / "debug_model.toml"))
+    )
+    rc, log = run_train(["--config", str(config), *HF_LOAD[:4], "--job.dump_folder", str(tmp_path)])
+    assert rc == 0, log[-4000:]
+    assert "released layout, 122 tensors, 3 MTP tensors not trained here" in log
+    assert_first_step_matches(log, transformers_loss(checkpoints["hf"], batch))
+    assert_each_rank_read_its_half(log)
+
+
+@pytest.mark.slow
+def test_fp8_fp4_released_folder_is_dequantized_on_load(checkpoints, batch, tmp_path):
+    rc, log = run_train(
+        [
+            *HF_LOAD,
+            "--checkpoint.initial_load_path",
+            checkpoints["folders"]["quantized"],
+            "--job.dump_folder",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 0, log[-4000:]
+    assert "FP8/FP4 dequantized on read" in log
+    assert_first_step_matches(log, transformers_loss(checkpoints["quantized_reference"], batch))
+
+
+@pytest.mark.slow
+def test_released_folder_as_hf_assets_path_exports_in_its_shards(checkpoints, batch, tmp_path):
+    """Titan's other route: weights (and tokenizer) from --model.hf_assets_path; the export keeps its 2
+    shards."""
+    import shutil
+
+    from transformers import DeepseekV4ForCausalLM
+
+    assets = tmp_path / "assets"
+    shutil.copytree(checkpoints["folders"]["released"], assets)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ROOT / "titan_dsv4" / "assets" / "tokenizer" / f, assets / f)
+    rc, log = run_train(
+        [
+            *HF_LOAD,
+            "--model.hf_assets_path",
+            str(assets),
+            "--checkpoint.last_save_in_hf",
+            "--job.dump_folder",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert rc == 0, log[-4000:]
+    assert_first_step_matches(log, transformers_loss(checkpoints["hf"], batch))
+    export = tmp_path / "run" / "checkpoint" / "step-1"
+    assert {
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model-hash-tables.safetensors",
+    } <= {p.name for p in export.iterdir()}
+    hf, info = DeepseekV4ForCausalLM.from_pretrained(
+        str(export), dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert torch.equal(
+        hf.state_dict()["model.layers.1.mlp.gate.tid2eid"],
+        checkpoints["hf"].state_dict()["model.layers.1.mlp.gate.tid2eid"],
+    )

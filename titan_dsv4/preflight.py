@@ -1,0 +1,50 @@
+"""``./run_train.sh``'s check before any rank starts: what every rank would refuse, checked once.
+
+A refused job then prints one message and exits 2 before torchrun launches anything (no block per rank, no
+launcher traceback). The ranks run the same checks again on every entry point (the train spec's hooks,
+``titan_dsv4.trainer``), so this is a convenience of the launcher, not the only guard.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torchtitan.components.tokenizer import build_hf_tokenizer
+from torchtitan.config import ConfigManager
+from torchtitan.distributed import ParallelDims
+
+from .infra.planning import refuse_layout_that_cannot_fit
+from .job_config import check_job, check_parallel_degrees, check_tokenizer_fits, job_model_args
+from .refusals import refusals_exit
+
+
+def preflight(job_config, world_size: int) -> None:
+    """Degrees, the job, the tokenizer and the memory plan, as the ranks of ``titan_dsv4.train`` check."""
+    p = job_config.parallelism
+    check_parallel_degrees(p, world_size)
+    check_job(job_config, trainer_completes_hf_export=True)
+    check_tokenizer_fits(build_hf_tokenizer(job_config), job_config)
+    args = job_model_args(job_config)
+    args.update_from_config(job_config)
+    dims = ParallelDims(
+        dp_replicate=p.data_parallel_replicate_degree,
+        dp_shard=p.data_parallel_shard_degree,
+        cp=p.context_parallel_degree,
+        tp=p.tensor_parallel_degree,
+        pp=p.pipeline_parallel_degree,
+        ep=p.expert_parallel_degree,
+        etp=p.expert_tensor_parallel_degree,
+        world_size=world_size,
+    )
+    refuse_layout_that_cannot_fit(args, dims, job_config)
+
+
+def main() -> None:
+    world_size = int(os.environ["NGPU"])
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))  # one node: the ranks share its memory
+    with refusals_exit():
+        preflight(ConfigManager().parse_args(), world_size)
+
+
+if __name__ == "__main__":
+    main()
