@@ -171,7 +171,6 @@ def _fsdp_ep_cp(rank, world_size, seq_len):
     """cp 2 x dp_shard 2 x EP 2 through Titan's ParallelDims and parallelize_deepseek_v4 (fp32 FSDP)."""
     import torch.distributed as dist
     from torch.distributed.tensor import distribute_tensor
-    from torchtitan.config import JobConfig
     from torchtitan.distributed import ParallelDims
     from torchtitan.distributed.context_parallel import prepare_context_parallel_input
 
@@ -181,8 +180,7 @@ def _fsdp_ep_cp(rank, world_size, seq_len):
 
     dims = ParallelDims(dp_replicate=1, dp_shard=2, cp=2, tp=1, pp=1, ep=2, etp=1, world_size=world_size)
     dims.build_mesh()
-    job = JobConfig()
-    job.training.mixed_precision_param = "float32"
+    job = _titan_job("--training.mixed_precision_param", "float32")
     args = _args(seq_len, "block_causal", "sparse", False)
     batch_rank = dims.get_mesh("batch").get_local_rank()
     # batch rank 1: only one cp rank completes an HCA window (the HCA path still joins backward on both)
