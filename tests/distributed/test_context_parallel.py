@@ -24,7 +24,7 @@ def _args(seq_len: int, mask: str, kernel: str, warmup: bool):
         attn_mask_type=mask,
         attn_impl=kernel,
         indexer_loss_weight=0.5,
-        indexer_warmup_steps=10 if warmup else 0,  # training_step 0 counts as step 1: inside the warm-up
+        indexer_warmup_steps=10 if warmup else 0,  # a model without a training clock is at step 1
     )
 
 
@@ -171,7 +171,6 @@ def _fsdp_ep_cp(rank, world_size, seq_len):
     """cp 2 x dp_shard 2 x EP 2 through Titan's ParallelDims and parallelize_deepseek_v4 (fp32 FSDP)."""
     import torch.distributed as dist
     from torch.distributed.tensor import distribute_tensor
-    from torchtitan.config import JobConfig
     from torchtitan.distributed import ParallelDims
     from torchtitan.distributed.context_parallel import prepare_context_parallel_input
 
@@ -181,8 +180,7 @@ def _fsdp_ep_cp(rank, world_size, seq_len):
 
     dims = ParallelDims(dp_replicate=1, dp_shard=2, cp=2, tp=1, pp=1, ep=2, etp=1, world_size=world_size)
     dims.build_mesh()
-    job = JobConfig()
-    job.training.mixed_precision_param = "float32"
+    job = _titan_job("--training.mixed_precision_param", "float32")
     args = _args(seq_len, "block_causal", "sparse", False)
     batch_rank = dims.get_mesh("batch").get_local_rank()
     # batch rank 1: only one cp rank completes an HCA window (the HCA path still joins backward on both)
@@ -249,22 +247,49 @@ def test_bad_seq_len_and_load_balancer_refused_before_work():
         check_cp_seq_len(512, 2, args, "ptrr")
 
 
-def test_job_with_cp_checked_in_update_from_config():
-    """The model args' job hook refuses a non-dividing seq_len and validation under CP, naming the fix."""
-    from torchtitan.config import JobConfig
+def _titan_job(*flags: str):
+    """Titan's JobConfig with the [deepseek_v4] section, as the command line parses it."""
+    import os
 
+    from torchtitan.config import ConfigManager
+
+    import titan_dsv4
+
+    tokenizer = os.path.join(os.path.dirname(titan_dsv4.__file__), "assets", "tokenizer")
+    model = (
+        "--model.name",
+        "deepseek_v4",
+        "--model.flavor",
+        "debugmodel",
+        "--model.hf_assets_path",
+        tokenizer,
+    )
+    return ConfigManager().parse_args(["--job.custom_config_module", "titan_dsv4.job_config", *model, *flags])
+
+
+def test_job_with_cp_checked_before_work():
+    """The job checks refuse a non-dividing seq_len, 'ptrr' and validation under CP, naming the fix."""
+    from titan_dsv4.job_config import check_job
     from titan_dsv4.model.args import ConfigError
 
-    job = JobConfig()
-    job.parallelism.context_parallel_degree = 2
-    job.training.seq_len = 768
-    args = _args(512, "causal", "sparse", False)
+    cp2 = ("--parallelism.context_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1")
     with pytest.raises(ConfigError, match="--training.seq_len 512 or 1024"):
-        args.update_from_config(job)
-    job.training.seq_len = 1024
-    job.validation.enable = True
+        check_job(_titan_job(*cp2, "--training.seq_len", "768"))
+    with pytest.raises(ConfigError, match="ptrr"):
+        check_job(_titan_job(*cp2, "--parallelism.context_parallel_load_balancer", "ptrr"))
     with pytest.raises(ConfigError, match="--validation.enable false"):
-        args.update_from_config(job)
-    job.validation.enable = False
-    args.update_from_config(job)
-    assert args.max_seq_len == 1024
+        check_job(_titan_job(*cp2, "--training.seq_len", "1024", "--validation.enable"))
+    check_job(_titan_job(*cp2, "--training.seq_len", "1024"))
+
+
+def test_positions_and_cp_group_must_come_together():
+    """Sharded positions without a bound cp group (or a bound group without positions) fail clearly."""
+    from titan_dsv4.model import DeepSeekV4Model
+
+    model = DeepSeekV4Model(_args(256, "causal", "sparse", False))
+    tokens = torch.randint(2, 2048, (1, 128))
+    with pytest.raises(ValueError, match="need a context-parallel group"):
+        model(tokens, positions=torch.arange(128, 256)[None])
+    model.cp_group = object()  # bound (the group is not reached before the check)
+    with pytest.raises(ValueError, match="got no positions"):
+        model(tokens)

@@ -466,8 +466,7 @@ class Attention(nn.Module):
             halo_ok = (halo.key_pos >= 0) & ~halo.local_predecessor[:, None]
             key_ok = torch.cat([halo_ok.flatten(), torch.ones_like(halo.query_pos, dtype=torch.bool)])
             query_pos = halo.query_pos
-        seen = compressed.visible_all(S)  # [B, S, T]
-        counts = seen.sum(-1)  # [B, S]
+        counts = compressed.visible_counts(S)  # [B, S], without a [S, T] mask under the causal rule
         stats = q.new_zeros(3, dtype=torch.float32)
         k = indexer.topk
         for b in range(B):
@@ -491,7 +490,7 @@ class Attention(nn.Module):
                 band &= ctx.docs.doc_ids[b, rows][:, None] == key_docs[None, :]
             logits_w = torch.einsum("hqd,jd->hqj", q[b, :, rows].float(), keys) * d**-0.5
             logits_w = logits_w.masked_fill(~band, float("-inf"))
-            logits = logits.masked_fill(~seen[b, rows], float("-inf"))
+            logits = logits.masked_fill(~compressed.visible_rows(b, rows, S), float("-inf"))
             sinks = self.sinks_param().float().view(H, 1, 1).expand(H, rows.numel(), 1)
             K = keys.shape[0]
             probs = torch.cat([logits_w, logits, sinks], dim=-1).softmax(-1)[..., K : K + logits.shape[-1]]

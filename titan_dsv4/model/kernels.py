@@ -47,6 +47,23 @@ class CompressedKV:
             B, seq_len, T
         )
 
+    def visible_counts(self, seq_len: int) -> torch.Tensor:
+        """[B, S]: how many entries each query may see (``visible_all(S).sum(-1)``, no [S, T] mask when
+        causal)."""
+        B, T, _ = self.entries.shape
+        if self.hidden or self.seen is not None:
+            return self.visible_all(seq_len).sum(-1)
+        t = torch.arange(seq_len, device=self.entries.device) if self.query_pos is None else self.query_pos
+        return ((t + 1) // self.ratio).clamp(max=T).expand(B, seq_len)
+
+    def visible_rows(self, b: int, rows: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """[r, T] bool: ``visible_all(S)[b, rows]``, built for those rows only under the causal rule."""
+        T = self.entries.shape[1]
+        if self.hidden or self.seen is not None:
+            return self.visible_all(seq_len)[b, rows]
+        t = rows if self.query_pos is None else self.query_pos[rows]
+        return torch.arange(T, device=rows.device)[None, :] < ((t + 1) // self.ratio)[:, None]
+
     def visible(self, seq_len: int) -> torch.Tensor:
         """[B, S, T] bool visibility of what attention uses (materialised; the reference path only)."""
         if self.picked is None:

@@ -19,6 +19,17 @@ V4's attention runs across shards here, exactly:
   * every exchange is autograd-correct: the all-gather's backward sums the gradient back to the owner (a
     reduce-scatter; on gloo, which has none, an all-reduce of which each rank keeps its own part).
 
+What one rank exchanges per layer and micro-batch (head-tail: 2 chunks per rank; B rows; d = head_dim,
+dI = index_head_dim; backward moves the same volume back):
+  * every attention layer (and MTP block): the sliding-window halo, all-to-all, 2 x W x d per row;
+  * CSA: the compressor's and the indexer's projection halos (ratio = 4 rows of the kv and gate
+    projections, 2d wide each, for 2 chunks: 32 x d + 32 x dI per row; twice that under ``block_causal``),
+    then an all-gather receiving S/4 x d entries and S/4 x dI indexer keys per row;
+  * HCA: an all-gather receiving S/128 x d entries per row (plus a 2 x 128-row projection halo under
+    ``block_causal``, whose document-aligned windows may start in the previous chunk);
+  * per forward: the token ids (B x S integers) and the chunk layout; MTP's loss: the labels (B x S).
+Flash at S = 1M, bf16: CSA 256 MiB + 64 MiB, HCA 8 MiB per row, halos under 1 MiB.
+
 Pipeline parallelism can reuse this for a stage's global positions and documents.
 """
 
