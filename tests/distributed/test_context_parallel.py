@@ -152,6 +152,7 @@ CP2_CASES = [
 ] + [("block_causal", "sparse", False, None)]  # no load balancer: contiguous shards
 
 
+@pytest.mark.slow
 def test_cp2_matches_single_process():
     """cp 2, head-tail (and contiguous): causal and packed documents, both kernels, the indexer's sparse
     stage (it selects: up to 128 visible entries, top-16) and dense warm-up, MTP 1, hash and learned MoE."""
@@ -160,6 +161,7 @@ def test_cp2_matches_single_process():
     _assert_all_close(results[1])
 
 
+@pytest.mark.slow
 def test_cp4_matches_single_process():
     cases = [("block_causal", "sparse", False), ("causal", "dense", False)]
     results = run_on_ranks(_cp_cases, 4, cases, 1024, 1, timeout=600)
@@ -227,6 +229,7 @@ def _fsdp_ep_cp(rank, world_size, seq_len):
     return out
 
 
+@pytest.mark.slow
 def test_cp2_dp2_ep2_fsdp_matches_single_process():
     results = run_on_ranks(_fsdp_ep_cp, 4, 512, timeout=600)
     for r in results:
