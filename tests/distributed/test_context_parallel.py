@@ -172,13 +172,11 @@ def test_cp4_matches_single_process():
 def _fsdp_ep_cp(rank, world_size, seq_len):
     """cp 2 x dp_shard 2 x EP 2 through Titan's ParallelDims and parallelize_deepseek_v4 (fp32 FSDP)."""
     import torch.distributed as dist
-    from torch.distributed.tensor import distribute_tensor
     from torchtitan.distributed import ParallelDims
     from torchtitan.distributed.context_parallel import prepare_context_parallel_input
 
+    from tests.helpers.sharded import parallelized_copy
     from titan_dsv4.infra.fsdp_units import canonical_name
-    from titan_dsv4.infra.parallelize import parallelize_deepseek_v4
-    from titan_dsv4.model import DeepSeekV4Model
 
     dims = ParallelDims(dp_replicate=1, dp_shard=2, cp=2, tp=1, pp=1, ep=2, etp=1, world_size=world_size)
     dims.build_mesh()
@@ -190,19 +188,8 @@ def _fsdp_ep_cp(rank, world_size, seq_len):
     inputs, labels = xs[batch_rank], ys[batch_rank]
     initial, ref, _, ref_loss, ref_metrics, _ = _reference(args, torch.cat(xs), torch.cat(ys))
 
-    with torch.device("meta"):
-        model = DeepSeekV4Model(args.replace())
-    parallelize_deepseek_v4(model, dims, job)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    params, buffers = dict(ref.named_parameters()), dict(initial.named_buffers())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            full = params[canonical_name(name)].detach()
-            p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())
-        for name, b in model.named_buffers():
-            if canonical_name(name) in buffers:
-                b.copy_(buffers[canonical_name(name)])
+    model = parallelized_copy(ref, dims, job, buffers_from=initial)
+    params = dict(ref.named_parameters())
     x, y, extra = prepare_context_parallel_input(
         inputs, labels, {}, dims.get_mesh("cp"), torch.device("cpu"), "headtail"
     )

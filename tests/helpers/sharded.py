@@ -54,8 +54,9 @@ def reference_model(args, seed: int = 0):
     return model
 
 
-def parallelized_copy(ref, parallel_dims, job_config):
-    """A meta model parallelized like the Trainer does, then given ``ref``'s weights and buffers."""
+def parallelized_copy(ref, parallel_dims, job_config, buffers_from=None):
+    """A meta model parallelized like the Trainer does, then given ``ref``'s weights and the buffers of
+    ``buffers_from`` (default ``ref``)."""
     from torch.distributed.tensor import distribute_tensor
 
     from titan_dsv4.infra.fsdp_units import canonical_name
@@ -67,7 +68,7 @@ def parallelized_copy(ref, parallel_dims, job_config):
     parallelize_deepseek_v4(model, parallel_dims, job_config)
     model.to_empty(device="cpu")
     model.init_weights()
-    params, buffers = dict(ref.named_parameters()), dict(ref.named_buffers())
+    params, buffers = dict(ref.named_parameters()), dict((buffers_from or ref).named_buffers())
     with torch.no_grad():
         for name, p in model.named_parameters():
             full = params[canonical_name(name)].detach()
