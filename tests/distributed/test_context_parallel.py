@@ -169,8 +169,9 @@ def test_cp4_matches_single_process():
         _assert_all_close(r)
 
 
-def _fsdp_ep_cp(rank, world_size, seq_len):
-    """cp 2 x dp_shard 2 x EP 2 through Titan's ParallelDims and parallelize_deepseek_v4 (fp32 FSDP)."""
+def _fsdp_ep_cp(rank, world_size, seq_len, degrees):
+    """cp 2 with two batch ranks (``degrees``: dp_shard 2 x EP 2, or HSDP's dp_replicate 2) through Titan's
+    ParallelDims and parallelize_deepseek_v4 (fp32 FSDP)."""
     import torch.distributed as dist
     from torchtitan.distributed import ParallelDims
     from torchtitan.distributed.context_parallel import prepare_context_parallel_input
@@ -178,7 +179,7 @@ def _fsdp_ep_cp(rank, world_size, seq_len):
     from tests.helpers.sharded import parallelized_copy
     from titan_dsv4.infra.fsdp_units import canonical_name
 
-    dims = ParallelDims(dp_replicate=1, dp_shard=2, cp=2, tp=1, pp=1, ep=2, etp=1, world_size=world_size)
+    dims = ParallelDims(**{"cp": 2, "tp": 1, "pp": 1, "etp": 1, **degrees}, world_size=world_size)
     dims.build_mesh()
     job = _titan_job("--training.mixed_precision_param", "float32")
     args = _args(seq_len, "block_causal", "sparse", False)
@@ -217,10 +218,17 @@ def _fsdp_ep_cp(rank, world_size, seq_len):
 
 
 @pytest.mark.slow
-def test_cp2_dp2_ep2_fsdp_matches_single_process():
-    results = run_on_ranks(_fsdp_ep_cp, 4, 512, timeout=600)
+@pytest.mark.parametrize(
+    "name, degrees",
+    [
+        ("cp2 x dp2 x ep2", dict(dp_replicate=1, dp_shard=2, ep=2)),
+        ("cp2 x hsdp2", dict(dp_replicate=2, dp_shard=1, ep=1)),  # 2-D FSDP mesh: HCA alignment off
+    ],
+)
+def test_cp2_with_two_batch_ranks_matches_single_process(name, degrees):
+    results = run_on_ranks(_fsdp_ep_cp, 4, 512, degrees, timeout=600)
     for r in results:
-        _assert_all_close({("cp2 x dp2 x ep2", "block_causal", "sparse", False): r})
+        _assert_all_close({(name, "block_causal", "sparse", False): r})
 
 
 def test_bad_seq_len_and_load_balancer_refused_before_work():
