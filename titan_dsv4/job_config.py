@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from math import prod
 
 from .flavors import UnknownFlavorError, deepseek_v4_args
-from .model.options import ConfigError, TrainingOptions
+from .model.errors import ConfigError
+from .model.options import TrainingOptions
 from .model.sequence_shard import check_context_parallel
 
 

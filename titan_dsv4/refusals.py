@@ -12,7 +12,7 @@ import contextlib
 import os
 import sys
 
-from .model.options import ConfigError
+from .model.errors import ConfigError
 
 TRACEBACK_ENV = "TITAN_DSV4_TRACEBACK"
 REFUSED_EXIT_CODE = 2

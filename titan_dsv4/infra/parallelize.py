@@ -17,7 +17,7 @@ from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3.infra.parallelize import disable_fsdp_gradient_division
 from torchtitan.tools.logging import logger
 
-from ..model.options import ConfigError
+from ..model.errors import ConfigError
 from .expert_parallel import apply_expert_parallel, deepep_available
 from .fsdp_units import shard_unit, shard_with_fp32_units
 from .planning import Layout, experts_shard_dim, experts_shardable, refuse_layout_that_cannot_fit

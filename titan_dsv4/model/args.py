@@ -15,7 +15,8 @@ from torchtitan.models.moe import MoEArgs
 from torchtitan.protocols.model import BaseModelArgs
 from torchtitan.tools.logging import logger
 
-from .options import ATTN_IMPLS, ATTN_MASK_TYPES, FP32_COMPUTE_PARTS, ConfigError, TrainingOptions
+from .errors import ConfigError
+from .options import ATTN_IMPLS, ATTN_MASK_TYPES, FP32_COMPUTE_PARTS, TrainingOptions
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 HASH_MOE, MOE = "hash_moe", "moe"

@@ -7,14 +7,14 @@ section into its own ``JobConfig``, from another module.
 
 from dataclasses import dataclass, field, fields
 
+from .errors import ConfigError
+
+__all__ = ["ATTN_IMPLS", "ATTN_MASK_TYPES", "FP32_COMPUTE_PARTS", "ConfigError", "TrainingOptions"]
+
 ATTN_MASK_TYPES = ("causal", "block_causal")
 ATTN_IMPLS = ("sparse", "dense")
 # Parts of a bf16 step that can compute in fp32 (see ``fp32_compute``); no-ops when activations are fp32.
 FP32_COMPUTE_PARTS = ("attention_logits", "router", "experts", "hc_mixing")
-
-
-class ConfigError(ValueError):
-    """A model or job configuration DeepSeek-V4 cannot run; the message names the fix."""
 
 
 @dataclass
