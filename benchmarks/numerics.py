@@ -183,6 +183,9 @@ def validation_rows(n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
     from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataset
 
+    from titan_dsv4.data import register_datasets
+
+    register_datasets()  # the packaged corpus in Titan's dataset table (the train spec's builders do this)
     tokenizer = HuggingFaceTokenizer(str(ROOT / "titan_dsv4" / "assets" / "tokenizer"))
     dataset = HuggingFaceTextDataset("dsv4_corpus_validation", None, tokenizer, seq_len=SEQ_LEN)
     rows = []

@@ -26,6 +26,7 @@ from torchtitan.train import main
 
 import titan_dsv4  # noqa: F401  (registers the deepseek_v4 spec)
 from titan_dsv4.cpu import apply_cpu_support
+from titan_dsv4.data import register_datasets
 from titan_dsv4.trainer import DeepSeekV4Trainer
 
 from .shapes import register_bench_flavors
@@ -145,5 +146,6 @@ def trainer_class() -> type[DeepSeekV4Trainer]:
 
 if __name__ == "__main__":
     apply_cpu_support()  # as titan_dsv4.train: Titan's device is the CPU where there is no accelerator
+    register_datasets()  # Titan's deepseek_v3 reads the packaged corpus too (its builders do not register it)
     register()
     main(trainer_class())

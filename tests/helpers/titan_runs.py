@@ -40,13 +40,12 @@ def run_with_fault(args: list[str], fault: str, mark: Path, timeout: float = 300
 
 
 def first_global_batch(config: str = "train_configs/debug_model.toml", ranks: int = 2):
-    """(inputs, labels) of step 1 on every rank, concatenated: what Titan's dataloaders feed a run of
-    ``config``."""
+    """(inputs, labels) of step 1 on every rank, concatenated: what the train spec's dataloaders (Titan's,
+    with the packaged corpus registered) feed a run of ``config``."""
     from torchtitan.components.tokenizer import build_hf_tokenizer
     from torchtitan.config import ConfigManager
-    from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 
-    import titan_dsv4  # noqa: F401  (registers the embedded corpus)
+    from titan_dsv4.spec import build_dataloader_with_corpus
 
     cwd = os.getcwd()
     os.chdir(ROOT)  # the configs name repository-relative assets
@@ -56,7 +55,9 @@ def first_global_batch(config: str = "train_configs/debug_model.toml", ranks: in
         batches = [
             next(
                 iter(
-                    build_text_dataloader(dp_world_size=ranks, dp_rank=r, tokenizer=tokenizer, job_config=job)
+                    build_dataloader_with_corpus(
+                        dp_world_size=ranks, dp_rank=r, tokenizer=tokenizer, job_config=job
+                    )
                 )
             )
             for r in range(ranks)
