@@ -146,9 +146,9 @@ def test_bad_degrees_on_a_folder_with_checkpoints_stop_before_anything_is_writte
         [*RESUMABLE, "--parallelism.data_parallel_shard_degree", "3", "--job.dump_folder", str(dump)],
         timeout=120,
     )
-    assert rc != 0
+    assert rc == 2 and "DeepSeek-V4 refused this job before any work" in log
     assert (
-        "ConfigError: parallelism degrees do not match the world size: data_parallel_shard_degree=3 x 1 = 3 "
+        "parallelism degrees do not match the world size: data_parallel_shard_degree=3 x 1 = 3 "
         "ranks, but the job has 2. Set --parallelism.data_parallel_shard_degree -1"
     ) in log
     assert not losses(log)
