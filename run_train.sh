@@ -8,7 +8,8 @@
 # Environment (as in TorchTitan's run_train.sh): NGPU (ranks; default: GPU count, or 2 CPU ranks over
 # gloo when there is no GPU), LOG_RANK (default 0), CONFIG_FILE, COMM_MODE (fake_backend: one-process
 # dry run that prints the FSDP unit plan for NGPU ranks; local_tensor: Titan's own simulated mode),
-# TRAIN_FILE (default titan_dsv4.train). --debug shows the traceback of a refused job (one message by default).
+# TRAIN_FILE (default titan_dsv4.train), TITAN_DSV4_PREFLIGHT (0: no check before the ranks start).
+# --debug shows the traceback of a refused job (one message by default).
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")" && pwd)"
@@ -56,7 +57,10 @@ if [ -n "${COMM_MODE:-}" ]; then
 fi
 
 # Refusals before any rank starts: one message, exit 2 (the ranks check again; see titan_dsv4/preflight.py).
-NGPU="$NGPU" "$PYTHON" -m titan_dsv4.preflight --job.config_file "$CONFIG_FILE" ${passthrough[@]+"${passthrough[@]}"}
+# TITAN_DSV4_PREFLIGHT=0 skips it (about 4 s of imports): the ranks then refuse, rank 0 printing the message.
+if [ "${TITAN_DSV4_PREFLIGHT:-1}" != "0" ]; then
+  NGPU="$NGPU" "$PYTHON" -m titan_dsv4.preflight --job.config_file "$CONFIG_FILE" ${passthrough[@]+"${passthrough[@]}"}
+fi
 
 exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint=localhost:0 \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \

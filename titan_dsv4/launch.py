@@ -41,7 +41,15 @@ def run_command(
     repository root with this interpreter as ``$PYTHON``."""
     if not (ROOT / "run_train.sh").exists():
         raise FileNotFoundError(f"{ROOT} has no run_train.sh: launches need the titan_dsv4 source checkout")
-    full_env = {**os.environ, "PYTHON": sys.executable, "LOG_RANK": log_ranks, **(env or {})}
+    # Launches from Python skip run_train.sh's one-process check (4 s of imports each); the ranks still
+    # refuse a bad job. A launch that tests that check passes TITAN_DSV4_PREFLIGHT=1.
+    full_env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "LOG_RANK": log_ranks,
+        "TITAN_DSV4_PREFLIGHT": "0",
+        **(env or {}),
+    }
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     return proc.returncode, ANSI.sub("", proc.stdout + proc.stderr)
 

@@ -145,6 +145,7 @@ def test_bad_degrees_on_a_folder_with_checkpoints_stop_before_anything_is_writte
     rc, log = run_train(
         [*RESUMABLE, "--parallelism.data_parallel_shard_degree", "3", "--job.dump_folder", str(dump)],
         timeout=120,
+        env={"TITAN_DSV4_PREFLIGHT": "1"},  # refused once, before any rank starts
     )
     assert rc == 2 and "DeepSeek-V4 refused this job before any work" in log
     assert (
