@@ -92,15 +92,7 @@ def _compare_case(rank, cp_mesh, args, inputs, labels, balancer="headtail"):
     total = loss.clone()
     dist.all_reduce(total, group=group)
     out["loss"] = (total - ref_loss).abs().item()
-    for name in sorted(ref_metrics):
-        if name.startswith("indexer_recall"):  # sampled: each rank samples its own queries
-            continue
-        value = metrics[name].clone()
-        dist.all_reduce(value, group=group)
-        out[f"metric {name}"] = (value - ref_metrics[name]).abs().item() / max(
-            1.0, ref_metrics[name].abs().item()
-        )
-        out[f"ref metric {name}"] = ref_metrics[name].item()
+    out.update(_metric_errors(metrics, ref_metrics, group))
     grads = dict(model.named_parameters())
     worst, n = 0.0, 0
     for name, p in ref.named_parameters():
@@ -169,6 +161,23 @@ def test_cp4_matches_single_process():
         _assert_all_close(r)
 
 
+def _metric_errors(metrics: dict, ref_metrics: dict, group) -> dict:
+    """Each step metric summed over ``group`` against the single process's (relative error, and its value)."""
+    import torch.distributed as dist
+
+    out = {}
+    for name in sorted(ref_metrics):
+        if name.startswith("indexer_recall"):  # sampled: each rank samples its own queries
+            continue
+        value = metrics[name].clone()
+        dist.all_reduce(value, group=group)
+        out[f"metric {name}"] = (value - ref_metrics[name]).abs().item() / max(
+            1.0, ref_metrics[name].abs().item()
+        )
+        out[f"ref metric {name}"] = ref_metrics[name].item()
+    return out
+
+
 def _fsdp_ep_cp(rank, world_size, seq_len, degrees):
     """cp 2 with two batch ranks (``degrees``: dp_shard 2 x EP 2, or HSDP's dp_replicate 2) through Titan's
     ParallelDims and parallelize_deepseek_v4 (fp32 FSDP)."""
@@ -198,15 +207,7 @@ def _fsdp_ep_cp(rank, world_size, seq_len, degrees):
     loss_group = dims.get_mesh("loss").get_group()
     dist.all_reduce(loss, group=loss_group)
     out = {"loss": (loss - ref_loss).abs().item()}
-    for name in sorted(ref_metrics):
-        if name.startswith("indexer_recall"):  # sampled: each rank samples its own queries
-            continue
-        value = metrics[name].clone()
-        dist.all_reduce(value, group=loss_group)
-        out[f"metric {name}"] = (value - ref_metrics[name]).abs().item() / max(
-            1.0, ref_metrics[name].abs().item()
-        )
-        out[f"ref metric {name}"] = ref_metrics[name].item()
+    out.update(_metric_errors(metrics, ref_metrics, loss_group))
     worst, n = 0.0, 0
     for name, p in model.named_parameters():
         ref_grad = params[canonical_name(name)].grad
