@@ -101,6 +101,11 @@ def _model_problems(job_config, section) -> list[str]:
         args.validate()
         args.check_seq_len(job_config.training.seq_len)
         check_context_parallel(job_config, args)
+        if job_config.parallelism.pipeline_parallel_degree > 1:
+            from .infra.pipeline import refuse_pipeline_problems
+
+            dims = parallel_dims_of(job_config, launch_world_size(job_config))
+            refuse_pipeline_problems(args.n_layers, job_config, dims.dp_replicate * dims.dp_shard)
     except ConfigError as e:
         return [str(e)]
     ep, experts = job_config.parallelism.expert_parallel_degree, args.moe_args.num_experts

@@ -30,6 +30,7 @@ def preflight(job_config, world_size: int) -> None:
 def main() -> None:
     world_size = int(os.environ["NGPU"])
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))  # one node: the ranks share its memory
+    os.environ.setdefault("WORLD_SIZE", str(world_size))  # as torchrun will set it (check_job reads it)
     with refusals_exit():
         preflight(ConfigManager().parse_args(), world_size)
 

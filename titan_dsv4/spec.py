@@ -24,6 +24,7 @@ from .infra.loss import build_deepseek_v4_loss
 from .infra.metrics import build_deepseek_v4_metrics_processor
 from .infra.optimizer import build_lr_schedulers_with_training_clock, build_optimizers_with_v4_load_balancing
 from .infra.parallelize import parallelize_deepseek_v4
+from .infra.pipeline import pipeline_deepseek_v4
 from .job_config import check_job, check_tokenizer_fits
 from .model import DeepSeekV4Model
 from .refusals import refusals_exit
@@ -58,13 +59,21 @@ def parallelize_or_refuse(model, parallel_dims, job_config):
         return parallelize_deepseek_v4(model, parallel_dims, job_config)
 
 
+def pipeline_or_refuse(model, parallel_dims, job_config, device, model_args, parallelize_fn, loss_fn):
+    """``pipeline_deepseek_v4``, whose refusals (stage split, schedule, microbatches) exit with one line."""
+    with refusals_exit():
+        return pipeline_deepseek_v4(
+            model, parallel_dims, job_config, device, model_args, parallelize_fn, loss_fn
+        )
+
+
 def get_train_spec(trainer_completes_hf_export: bool = False) -> TrainSpec:
     """The spec; ``trainer_completes_hf_export`` is ``titan_dsv4.trainer``'s (it serves last_save_in_hf)."""
     return TrainSpec(
         model_cls=DeepSeekV4Model,
         model_args=deepseek_v4_args,
         parallelize_fn=parallelize_or_refuse,
-        pipelining_fn=None,  # pipeline parallelism is refused in parallelize_deepseek_v4
+        pipelining_fn=pipeline_or_refuse,
         build_optimizers_fn=build_optimizers_with_v4_load_balancing,
         build_lr_schedulers_fn=build_lr_schedulers_with_training_clock,
         build_dataloader_fn=build_dataloader_with_corpus,

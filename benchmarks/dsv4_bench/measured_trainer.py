@@ -133,7 +133,7 @@ def routed_bytes_per_step(model: torch.nn.Module, cfg) -> int:
     block's dispatch and combine, forward and backward (4 passes), each of local tokens x top-k rows of dim
     values in the compute dtype (the tiny per-expert count exchange aside)."""
     args = model.model_args
-    blocks = args.n_layers + (args.mtp_layers if hasattr(model, "mtp") and model.mtp.trains else 0)
+    blocks = args.n_layers + (args.mtp_layers if model.mtp is not None and model.mtp.trains else 0)
     rows = cfg.training.local_batch_size * cfg.training.seq_len * args.moe_args.top_k
     itemsize = 4 if cfg.training.mixed_precision_param == "float32" else 2
     return blocks * 4 * rows * args.dim * itemsize

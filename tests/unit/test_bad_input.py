@@ -73,9 +73,7 @@ def test_unimplemented_parallelism_is_refused_before_any_change(debug_args):
     from titan_dsv4.infra.parallelize import UnsupportedParallelismError, refuse_unimplemented_parallelism
 
     dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=2, pp=2, ep=1, etp=1, world_size=4)
-    with pytest.raises(
-        UnsupportedParallelismError, match="tensor_parallel_degree=2, parallelism.pipeline_parallel_degree=2"
-    ):
+    with pytest.raises(UnsupportedParallelismError, match="tensor_parallel_degree=2 yet"):
         refuse_unimplemented_parallelism(dims)
 
 

@@ -53,14 +53,21 @@ def deepseek_v4_loss(pred, labels: torch.Tensor, ce=cross_entropy_loss) -> torch
             extra.metrics.add(f"mtp_loss_sum/{k}", sums[-1])
             extra.metrics.add(f"mtp_targets/{k}", (targets != IGNORE_INDEX).sum())
         aux = aux + extra.mtp_loss_weight * torch.stack(sums).mean()
+    kl = None
     if extra.indexer_stats is not None:
         for name, value in zip(INDEXER_STATS, extra.indexer_stats):
             extra.metrics.add(f"indexer_{name}", value)
         if extra.indexer_loss_weight > 0:
             kl = extra.indexer_loss_weight * extra.indexer_stats[0] / max(1, extra.n_csa_layers)
-            if extra.indexer_warmup:  # dense warm-up: the indexer learns alone, the LM loss is only logged
-                return main.detach() + (kl - kl.detach())
-            aux = aux + kl
+    if extra.indexer_warmup and (
+        kl is not None or extra.pipelined
+    ):  # dense warm-up: the indexer learns alone, the LM loss is only logged
+        # A pipeline's last stage must still send a gradient (zeros) back to the stages before it, whose
+        # indexers learn through their outputs; the optimizer then drops those zeros (infra/pipeline.py).
+        logged = main.detach() + (0 * main if extra.pipelined else 0)
+        return logged if kl is None else logged + (kl - kl.detach())
+    if kl is not None:
+        aux = aux + kl
     return main + (aux - aux.detach())
 
 

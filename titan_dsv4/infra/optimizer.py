@@ -63,6 +63,10 @@ def build_optimizers_with_v4_load_balancing(
     if any(m.load_balance_coeff for m in _moe_layers(model_parts)):
         optimizers.register_step_pre_hook(lambda *a, **k: update_expert_bias(model_parts, parallel_dims))
     optimizers.register_step_pre_hook(lambda *a, **k: close_step_metrics(model_parts))
+    if parallel_dims.pp_enabled:
+        from .pipeline import drop_warmup_gradients
+
+        optimizers.register_step_pre_hook(lambda *a, **k: drop_warmup_gradients(model_parts))
     return optimizers
 
 

@@ -105,7 +105,7 @@ def parallelize_deepseek_v4(
 
 def block_stacks(model: nn.Module) -> list[nn.Module]:
     """Modules whose ``layers`` are FSDP/AC units: the model, and its MTP module when it has one."""
-    return [model] + ([model.mtp] if hasattr(model, "mtp") else [])
+    return [model] + ([model.mtp] if model.mtp is not None else [])
 
 
 def refuse_experts_fsdp_cannot_shard(model_args, parallel_dims: ParallelDims) -> None:
@@ -182,7 +182,6 @@ def refuse_unimplemented_parallelism(
     """Fail before any work on degrees this package does not implement, naming each one and the fix."""
     unsupported = {
         "tensor_parallel_degree": parallel_dims.tp,
-        "pipeline_parallel_degree": parallel_dims.pp,
         "expert_tensor_parallel_degree": parallel_dims.etp if parallel_dims.ep > 1 else 1,
     }
     bad = {k: v for k, v in unsupported.items() if v > 1}
@@ -190,9 +189,8 @@ def refuse_unimplemented_parallelism(
         listed = ", ".join(f"parallelism.{k}={v}" for k, v in bad.items())
         raise UnsupportedParallelismError(
             f"DeepSeek-V4 does not implement {listed} yet. Use data parallelism (FSDP / HSDP: "
-            "parallelism.data_parallel_shard_degree and data_parallel_replicate_degree) and expert "
-            "parallelism "
-            "(parallelism.expert_parallel_degree), and set " + ", ".join(f"--parallelism.{k} 1" for k in bad)
+            "parallelism.data_parallel_shard_degree and data_parallel_replicate_degree), expert, context and "
+            "pipeline parallelism, and set " + ", ".join(f"--parallelism.{k} 1" for k in bad)
         )
     backend = job_config.parallelism.expert_parallel_comm_backend if job_config is not None else "standard"
     if backend not in ("standard", "deepep"):
@@ -244,7 +242,8 @@ def apply_compile(model: nn.Module, backend: str) -> None:
     for head_owner in [model] + [
         _inner(d) for stack in block_stacks(model)[1:] for d in stack.layers.values()
     ]:
-        head_owner.hc_head = compiled(head_owner.hc_head)
+        if head_owner.hc_head is not None:  # a pipeline stage before the last has no head
+            head_owner.hc_head = compiled(head_owner.hc_head)
     logger.info("Compiled DeepSeek-V4 blocks (mHC, norms, attention math, router, shared expert)")
 
 

@@ -21,6 +21,7 @@ from .documents import Documents
 from .hyper_connection import HyperConnection, HyperHead, hyper_residual
 from .layers import RMSNorm, RotaryTables
 from .moe import DeepSeekV4MoE
+from .pipeline_stage import StageRole, attach_to_backward
 from .sequence_shard import SequenceShard
 
 
@@ -125,6 +126,7 @@ class TrainingOutputs:
     indexer_warmup: bool = False  # the dense warm-up: only the indexer learns (the LM loss trains nothing)
     # context parallelism: MTP targets labels[t+k] may live on another shard (mtp_valid is then [B, S])
     shard: SequenceShard | None = None
+    pipelined: bool = False  # a pipeline's last stage: the loss must keep a graph back to the stage's input
 
 
 class StepMetrics:
@@ -168,11 +170,8 @@ class DeepSeekV4Model(ModelProtocol):
         self.hc_head = HyperHead(model_args)
         self.norm = RMSNorm(model_args.dim, model_args.norm_eps)
         self.lm_head = nn.Linear(model_args.dim, model_args.vocab_size, bias=False)
-        if model_args.mtp_layers:
-            self.mtp = MTP(model_args)
-        # Plain list (not registered): found once here, not by walking every module each forward.
-        # fully_shard swaps classes in place and compile wraps other modules, so these stay valid.
-        self._hca_compressors = [m for m in self.modules() if isinstance(m, Compressor) and m.kind == HCA]
+        self.mtp = MTP(model_args) if model_args.mtp_layers else None
+        self.find_hca_compressors()
         self.n_csa_layers = sum(model_args.layer_type(i) == CSA for i in range(model_args.n_layers))
         self.step_metrics = StepMetrics()
         self.training_clock = None  # bound by the train spec's LR-scheduler builder (infra/optimizer.py)
@@ -180,6 +179,15 @@ class DeepSeekV4Model(ModelProtocol):
         # Context parallelism (bound by parallelize): the cp group and how many chunks a rank holds.
         self.cp_group = None
         self.cp_chunks_per_rank = 1
+        self.stage_role = StageRole()  # pipeline parallelism: set on each stage by infra/pipeline.py
+
+    def find_hca_compressors(self) -> None:
+        """Note this part's HCA compressors (again after a pipeline split removed layers).
+
+        A plain list (not registered): found once, not by walking every module each forward. fully_shard
+        swaps classes in place and compile wraps other modules, so these stay valid.
+        """
+        self._hca_compressors = [m for m in self.modules() if isinstance(m, Compressor) and m.kind == HCA]
 
     def bind_training_clock(self, clock) -> None:
         """``clock.step``: the 1-based step the next training forward belongs to (the indexer's warm-up)."""
@@ -198,13 +206,24 @@ class DeepSeekV4Model(ModelProtocol):
 
     def blocks(self) -> list[nn.Module]:
         """Every transformer block (as wrapped by AC/compile), MTP depths' blocks included."""
-        mtp = list(self.mtp.layers.values()) if hasattr(self, "mtp") else []
+        mtp = list(self.mtp.layers.values()) if self.mtp is not None else []
         return list(self.layers.values()) + [getattr(d, "_checkpoint_wrapped_module", d).block for d in mtp]
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, **kwargs):
-        """``positions``: the tokens' global positions, which Titan passes under context parallelism."""
-        check_token_ids(tokens, self.vocab_size)
+    def forward(self, *inputs: torch.Tensor, positions: torch.Tensor | None = None, **kwargs):
+        """``forward(tokens)``; a later pipeline stage takes what the stage before it returned
+        (``StageRole``). ``positions``: the tokens' global positions, which Titan passes under context
+        parallelism."""
         args = self.model_args
+        role = self.stage_role
+        if self.tok_embeddings is not None:
+            (tokens,) = inputs
+            check_token_ids(tokens, self.vocab_size)
+            embedded = self.tok_embeddings(role.embedding_input(tokens)) if role.carries_embeddings else None
+            h = self.tok_embeddings(tokens) if embedded is None else embedded[:, : tokens.shape[1]]
+            streams = h.unsqueeze(2).expand(-1, -1, self.hc_mult, -1).contiguous()
+        else:  # a later pipeline stage: the mHC streams, the token ids, and (for MTP) the embeddings
+            streams, tokens, *carried = inputs
+            embedded = carried[0] if carried else None
         packed = args.attn_mask_type == "block_causal"
         shard = self.sequence_shard(tokens, positions)
         if shard is not None:
@@ -222,19 +241,25 @@ class DeepSeekV4Model(ModelProtocol):
             shard=shard,
         )
         ctx.hca_synthetic_window = self.hca_needs_synthetic_window(ctx)
-        h = self.tok_embeddings(tokens)
-        streams = h.unsqueeze(2).expand(-1, -1, self.hc_mult, -1).contiguous()
         stats = None
         for layer in self.layers.values():
             streams, layer_stats = layer(streams, ctx)
             if layer_stats is not None:
                 stats = layer_stats if stats is None else stats + layer_stats
+        if self.lm_head is None:  # not the last pipeline stage
+            streams = self.stage_indexer_loss_to_backward(streams, stats, ctx)
+            return (streams, tokens) + ((embedded,) if role.carries_embeddings else ())
         hidden = [self.norm(self.hc_head(streams).to(streams.dtype))]
         mtp_valid = []
-        if self.training and hasattr(self, "mtp") and self.mtp.trains:
+        if self.training and self.mtp is not None and self.mtp.trains:
             for k, depth in enumerate(self.mtp.layers.values(), start=1):
-                ahead = shifted(tokens, k) if shard is None else shard.ahead(k)
-                streams, h_k = depth(streams, self.tok_embeddings(ahead), ctx)
+                if embedded is not None:  # pipelined: the first stage embedded the tokens ahead too
+                    ahead_embedded = embedded[:, k : k + tokens.shape[1]]
+                else:
+                    ahead_embedded = self.tok_embeddings(
+                        shifted(tokens, k) if shard is None else shard.ahead(k)
+                    )
+                streams, h_k = depth(streams, ahead_embedded, ctx)
                 hidden.append(h_k)
                 eos_id = args.eos_id if docs is not None else None
                 if shard is None:
@@ -242,11 +267,11 @@ class DeepSeekV4Model(ModelProtocol):
                 else:  # by the global tokens, at the local positions: [B, S_local]
                     valid = F.pad(mtp_targets_in_document(shard.tokens, k, eos_id), (0, k), value=False)
                     mtp_valid.append(shard.local(valid))
-        if len(hidden) == 1 and stats is None:
+        if len(hidden) == 1 and stats is None and not (role.pipelined and self.training):
             return self.lm_head(hidden[0])
         S = tokens.shape[1]
         logits = self.lm_head(torch.cat(hidden, dim=1)).split(S, dim=1)  # one lm_head call for all heads
-        return logits[0], TrainingOutputs(
+        outputs = TrainingOutputs(
             mtp_logits=list(logits[1:]),
             mtp_valid=mtp_valid,
             mtp_loss_weight=args.mtp_loss_weight,
@@ -256,7 +281,27 @@ class DeepSeekV4Model(ModelProtocol):
             metrics=self.step_metrics,
             indexer_warmup=ctx.indexer_dense,
             shard=shard,
+            pipelined=role.pipelined,
         )
+        if role.pipelined:  # the schedule passes tensors only: the loss takes these from the shared step
+            role.step.outputs.append(outputs)
+            return logits[0]
+        return logits[0], outputs
+
+    def stage_indexer_loss_to_backward(
+        self, streams: torch.Tensor, stats: torch.Tensor | None, ctx: ForwardContext
+    ) -> torch.Tensor:
+        """A stage before the last: its CSA layers' indexer statistics go to the step's metrics, and their
+        KL term joins backward through the stage's output (the loss on the last stage cannot reach it)."""
+        if stats is None:
+            return streams
+        for name, value in zip(INDEXER_STATS, stats):
+            self.step_metrics.add(f"indexer_{name}", value)
+        args = self.model_args
+        if not (self.training and args.indexer_loss_weight > 0):
+            return streams
+        kl = args.indexer_loss_weight * stats[0] / max(1, self.n_csa_layers)
+        return attach_to_backward(streams, kl / self.stage_role.step.tokens)
 
     def sequence_shard(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> SequenceShard | None:
         """This rank's chunks of the global sequence under context parallelism, else None."""
@@ -310,17 +355,20 @@ class DeepSeekV4Model(ModelProtocol):
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        self.rope.reset(buffer_device or self.tok_embeddings.weight.device)
-        nn.init.normal_(self.tok_embeddings.weight)
+        """Every module this part holds (a pipeline stage holds some of them)."""
+        self.rope.reset(buffer_device or next(self.parameters()).device)
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight)
         for layer in self.layers.values():
             layer.init_weights(buffer_device)
-        self.hc_head.init_weights(self.model_args.init_std)
-        self.norm.reset_parameters()
-        final_out_std = self.model_args.dim**-0.5
-        nn.init.trunc_normal_(
-            self.lm_head.weight, mean=0.0, std=final_out_std, a=-3 * final_out_std, b=3 * final_out_std
-        )
-        if hasattr(self, "mtp"):
+        if self.lm_head is not None:
+            self.hc_head.init_weights(self.model_args.init_std)
+            self.norm.reset_parameters()
+            final_out_std = self.model_args.dim**-0.5
+            nn.init.trunc_normal_(
+                self.lm_head.weight, mean=0.0, std=final_out_std, a=-3 * final_out_std, b=3 * final_out_std
+            )
+        if self.mtp is not None:
             for depth in self.mtp.layers.values():
                 depth.init_weights(buffer_device)
 

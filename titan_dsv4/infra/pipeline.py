@@ -1,0 +1,247 @@
+"""``pipeline_deepseek_v4``: the train spec's ``pipelining_fn``, DeepSeek-V4 stages on TorchTitan's schedules.
+
+Titan's parts as they are: its schedules (``get_schedule_class``, ``build_pipeline_schedule``), its stage
+split (``pipeline_module_split``: a deep copy per stage with the other stages' modules removed) and its
+layer distribution (``generate_llm_fqn_per_model_part``, with ``pipeline_parallel_layers_per_stage`` and the
+first/last-stage weights). Ours where V4 differs:
+  * the modules of a stage: rotary tables on every stage; the HyperHead, norm, lm_head and MTP depths on
+    the last; what crosses a stage boundary (``model/pipeline_stage.py``);
+  * the loss divided by the step's global token count inside the schedule: Titan 0.2.2 backpropagates the
+    summed loss under pipelining (its trainer divides only the logged value), which would scale every
+    gradient by the token count and change gradient clipping and AdamW's epsilon;
+  * each stage's indexer KL reaching backward on its own stage, and the zero gradients of the indexer's
+    dense warm-up dropped before the optimizer steps (without pipelining they are never created).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining.schedules import (
+    PipelineScheduleSingle,
+    get_schedule_class,
+)
+from torchtitan.components.loss import IGNORE_INDEX
+from torchtitan.config import JobConfig
+from torchtitan.distributed import ParallelDims
+from torchtitan.distributed.pipeline_parallel import (
+    build_pipeline_schedule,
+    generate_llm_fqn_per_model_part,
+    pipeline_module_split,
+)
+from torchtitan.tools.logging import logger
+
+from ..model.errors import ConfigError
+from ..model.indexer import Indexer
+from ..model.pipeline_stage import PipelineStep, StageRole
+
+FIRST_STAGE = ["tok_embeddings"]
+LAST_STAGE = ["hc_head", "norm", "lm_head", "mtp"]
+EVERY_STAGE = ["rope"]
+# Schedules run by the tests on 2 CPU ranks against a single process (tests/distributed/test_pipeline.py).
+SUPPORTED_SCHEDULES = (
+    "1F1B",
+    "GPipe",
+    "Interleaved1F1B",
+    "LoopedBFS",
+    "InterleavedZeroBubble",
+    "ZBVZeroBubble",
+)
+
+
+def stages_per_rank(job_config: JobConfig, n_layers: int) -> int:
+    """Virtual stages on each pipeline rank: Titan's rule (1 for single-stage schedules, else 2, or from
+    ``pipeline_parallel_layers_per_stage``)."""
+    p = job_config.parallelism
+    single = issubclass(schedule_class(p.pipeline_parallel_schedule), PipelineScheduleSingle)
+    if p.pipeline_parallel_layers_per_stage is None:
+        return 1 if single else 2
+    effective = (
+        n_layers + p.pipeline_parallel_first_stage_less_layers + p.pipeline_parallel_last_stage_less_layers
+    )
+    n_stages = math.ceil(effective / p.pipeline_parallel_layers_per_stage)
+    per_rank, left = divmod(n_stages, p.pipeline_parallel_degree)
+    wanted = "exactly 1" if single else "at least 2"
+    if left or (per_rank != 1 if single else per_rank < 2):
+        raise ConfigError(
+            f"pipeline_parallel_layers_per_stage={p.pipeline_parallel_layers_per_stage} makes {n_stages} "
+            f"stages ({n_layers} layers + the first/last-stage weights) for pipeline_parallel_degree="
+            f"{p.pipeline_parallel_degree}; the schedule {p.pipeline_parallel_schedule} needs {wanted} per "
+            "rank. Pick a layers-per-stage that gives that, or leave it unset"
+        )
+    return per_rank
+
+
+def stage_module_names(n_layers: int, job_config: JobConfig) -> list[list[str]]:
+    """Module names of every (virtual) stage, Titan's distribution of the layers renamed for V4."""
+    p = job_config.parallelism
+    if p.module_fqns_per_model_part is not None:
+        return [list(names) for names in p.module_fqns_per_model_part]
+    n_stages = p.pipeline_parallel_degree * stages_per_rank(job_config, n_layers)
+    try:
+        names = generate_llm_fqn_per_model_part(
+            n_stages,
+            n_layers,
+            p.pipeline_parallel_first_stage_less_layers,
+            p.pipeline_parallel_last_stage_less_layers,
+        )
+    except ValueError as e:
+        raise ConfigError(
+            f"{n_layers} layers do not split into {n_stages} pipeline stages: {e} Lower "
+            "pipeline_parallel_degree, use a single-stage schedule (1F1B), or lower "
+            "pipeline_parallel_first_stage_less_layers / pipeline_parallel_last_stage_less_layers"
+        ) from None
+    renamed = []
+    for stage in names:
+        modules = [m for m in stage if m not in ("tok_embeddings", "norm", "output")]
+        first = FIRST_STAGE if "tok_embeddings" in stage else []
+        last = LAST_STAGE if "output" in stage else []
+        renamed.append(first + EVERY_STAGE + modules + last)
+    return renamed
+
+
+def schedule_class(name: str):
+    """Titan's schedule class by name, or a refusal listing the ones it has."""
+    try:
+        return get_schedule_class(name)
+    except ValueError:
+        raise ConfigError(
+            f"parallelism.pipeline_parallel_schedule={name!r} is not a schedule TorchTitan has; use one of "
+            f"{', '.join(SUPPORTED_SCHEDULES)}"
+        ) from None
+
+
+def refuse_pipeline_problems(n_layers: int, job_config: JobConfig, dp_degree: int) -> None:
+    """Everything a pipelined job would fail on later (or silently get wrong), refused before any work."""
+    p, t = job_config.parallelism, job_config.training
+    if p.pipeline_parallel_degree <= 1:
+        return
+    schedule_class(p.pipeline_parallel_schedule)
+    if p.pipeline_parallel_schedule not in SUPPORTED_SCHEDULES:
+        raise ConfigError(
+            f"parallelism.pipeline_parallel_schedule={p.pipeline_parallel_schedule!r} is not run by "
+            f"DeepSeek-V4's pipeline; use one of {', '.join(SUPPORTED_SCHEDULES)}"
+        )
+    if p.pipeline_parallel_schedule_csv:
+        raise ConfigError(
+            "parallelism.pipeline_parallel_schedule_csv is not run by DeepSeek-V4's pipeline; name a "
+            "schedule with pipeline_parallel_schedule instead"
+        )
+    if p.pipeline_parallel_microbatch_size < 1 or t.local_batch_size % p.pipeline_parallel_microbatch_size:
+        raise ConfigError(
+            f"pipeline_parallel_microbatch_size={p.pipeline_parallel_microbatch_size} does not divide "
+            f"training.local_batch_size={t.local_batch_size}: the pipeline cuts each local batch into "
+            f"microbatches of that size. Pick a microbatch size dividing {t.local_batch_size}"
+        )
+    if p.context_parallel_degree > 1:
+        raise ConfigError(
+            "pipeline parallelism with context parallelism is not implemented yet: set "
+            "--parallelism.context_parallel_degree 1 or --parallelism.pipeline_parallel_degree 1"
+        )
+    global_batch = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * dp_degree
+    if global_batch != t.local_batch_size * dp_degree:
+        raise ConfigError(
+            f"training.global_batch_size={t.global_batch_size} asks for gradient accumulation "
+            f"({global_batch} / ({t.local_batch_size} x {dp_degree} data-parallel ranks)), which a pipeline "
+            "does through its microbatches: raise training.local_batch_size instead (and keep "
+            "global_batch_size -1)"
+        )
+    stage_module_names(n_layers, job_config)
+
+
+def pipeline_deepseek_v4(
+    model: nn.Module,
+    parallel_dims: ParallelDims,
+    job_config: JobConfig,
+    device: torch.device,
+    model_args,
+    parallelize_fn,
+    loss_fn,
+):
+    """Split the model into stages, parallelize each by the fp32 unit rules, and drive them with Titan's
+    schedule; returns (schedule, model parts, has first stage, has last stage) as Titan's trainer expects."""
+    refuse_pipeline_problems(
+        model_args.n_layers, job_config, parallel_dims.dp_replicate * parallel_dims.dp_shard
+    )
+    names = stage_module_names(model_args.n_layers, job_config)
+    stages, parts = pipeline_module_split(
+        model, parallel_dims.get_mesh("pp"), job_config.parallelism.pipeline_parallel_schedule, device, names
+    )
+    step = PipelineStep()
+    mtp_trains = model.mtp is not None and model.mtp.trains
+    for i, (stage, part) in enumerate(zip(stages, parts)):
+        part.stage_role = StageRole(
+            pipelined=True,
+            carries_embeddings=mtp_trains,
+            mtp_lookahead=model_args.mtp_layers if mtp_trains else 0,
+            step=step,
+        )
+        part.find_hca_compressors()
+        parts[i] = stage.submod = parallelize_fn(part, parallel_dims, job_config)
+        logger.info(f"Pipeline stage {stage.stage_index}: {', '.join(names[stage.stage_index])}")
+    schedule = build_pipeline_schedule(job_config, stages, pipeline_loss(step, loss_fn))
+    has_first = any(s.is_first for s in stages)
+    has_last = any(s.is_last for s in stages)
+    return ScheduleOverGlobalTokens(schedule, step, device), parts, has_first, has_last
+
+
+def pipeline_loss(step: PipelineStep, loss_fn):
+    """The spec's loss of the last stage's logits and training outputs, over the step's global target tokens
+    (as Titan divides it without pipelining)."""
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pred = (logits, step.outputs.pop(0)) if step.outputs else logits
+        return loss_fn(pred, labels) / step.tokens
+
+    return loss
+
+
+class ScheduleOverGlobalTokens:
+    """Titan's schedule, whose training ``step`` first counts the step's target tokens over every rank.
+
+    The losses it hands back are sums again (Titan's trainer divides them for logging). Every other
+    attribute (``eval`` for validation, ...) is the schedule's own; there the loss is not divided.
+    """
+
+    def __init__(self, schedule, step: PipelineStep, device: torch.device):
+        self.schedule, self.pipeline_step, self.device = schedule, step, device
+
+    def step(self, *args, target=None, losses=None, **kwargs):
+        count = torch.zeros((), dtype=torch.float32, device=self.device)
+        if target is not None:  # the last stage's ranks; the others add 0
+            count += (target != IGNORE_INDEX).sum()
+        dist.all_reduce(count)  # pipeline x data-parallel ranks: the world (no TP or CP under PP here)
+        self.pipeline_step.tokens = count
+        try:
+            result = self.schedule.step(*args, target=target, losses=losses, **kwargs)
+        finally:
+            self.pipeline_step.tokens = 1.0
+            self.pipeline_step.outputs.clear()
+        if losses is not None:
+            losses[:] = [loss * count for loss in losses]
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self.schedule, name)
+
+
+def drop_warmup_gradients(model_parts: list[nn.Module]) -> None:
+    """During the indexer's dense warm-up only the indexers learn: a pipeline sends zero gradients through
+    the other parameters (its stages must backpropagate to reach earlier indexers); drop them, as an unsplit
+    model never creates them, so AdamW leaves those parameters (and their state) alone."""
+    for part in model_parts:
+        args = part.model_args
+        if not part.stage_role.pipelined or part.current_step() > args.indexer_warmup_steps:
+            continue
+        if args.indexer_loss_weight <= 0:
+            continue
+        learning = {id(p) for m in part.modules() if isinstance(m, Indexer) for p in m.parameters()}
+        for p in part.parameters():
+            if id(p) not in learning:
+                p.grad = None
+
+
+__all__ = ["pipeline_deepseek_v4", "stage_module_names", "refuse_pipeline_problems"]
