@@ -34,7 +34,10 @@ class DeepSeekV4MetricsProcessor(MetricsProcessor):
     """Logs the step's MTP and indexer figures beside Titan's own."""
 
     def log(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
-        figures = step_figures(self._global_sums())
+        pp_mesh = self.parallel_dims.get_optional_mesh("pp") if self.parallel_dims.pp_enabled else None
+        if pp_mesh is not None:
+            global_avg_loss, global_max_loss = last_stage_losses(global_avg_loss, global_max_loss, pp_mesh)
+        figures = step_figures(self._global_sums(pp_mesh))
         extra = {**(extra_metrics or {}), **{f"loss_metrics/{k}": v for k, v in figures.items()}}
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra)
         if figures:
@@ -45,19 +48,38 @@ class DeepSeekV4MetricsProcessor(MetricsProcessor):
         # Titan destroys the world group next: release the meshes' groups first (refusals.py says why).
         release_device_mesh_groups()
 
-    def _global_sums(self) -> dict[str, torch.Tensor]:
+    def _global_sums(self, pp_mesh=None) -> dict[str, torch.Tensor]:
+        """The step's figures summed over this rank's model parts, the data-parallel ranks and the pipeline
+        stages (each stage holds some of the layers and only the last one the MTP depths)."""
         closed = {}
         for part in self.model_parts or []:
             for name, value in part.step_metrics.closed.items() if hasattr(part, "step_metrics") else ():
                 closed[name] = closed[name] + value if name in closed else value
-        if not closed:
-            return {}
         names = sorted(closed)
-        values = torch.stack([closed[n] for n in names])
+        if pp_mesh is not None:  # every stage must reduce the same names in the same order
+            every = [None] * pp_mesh.size()
+            torch.distributed.all_gather_object(every, names, group=pp_mesh.get_group())
+            names = sorted(set().union(*every))
+        if not names:
+            return {}
+        device = next(iter(closed.values())).device if closed else self.device_memory_monitor.device
+        zero = torch.zeros((), device=device)
+        values = torch.stack([closed.get(n, zero) for n in names])
         mesh = self.parallel_dims.get_optional_mesh("loss") if self.parallel_dims.dp_cp_enabled else None
-        if mesh is not None:
-            torch.distributed.all_reduce(values, group=mesh.get_group())
+        for group_mesh in (mesh, pp_mesh):
+            if group_mesh is not None:
+                torch.distributed.all_reduce(values, group=group_mesh.get_group())
         return dict(zip(names, values))
+
+
+def last_stage_losses(avg, max_, pp_mesh) -> tuple[float, float]:
+    """The losses the last pipeline stage computed, on every stage (Titan logs a negative placeholder on the
+    others, and rank 0, which logs, holds the first stage)."""
+    mine = torch.tensor([float(avg), float(max_)], dtype=torch.float64)
+    mine = torch.where(mine < 0, torch.zeros_like(mine), mine)  # a cross-entropy is never negative
+    mine = mine.to(pp_mesh.device_type)
+    torch.distributed.all_reduce(mine, group=pp_mesh.get_group())
+    return float(mine[0]), float(mine[1])
 
 
 def console_line(step: int, figures: dict[str, float]) -> str:

@@ -15,11 +15,13 @@ first/last-stage weights). Ours where V4 differs:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
     PipelineScheduleSingle,
     get_schedule_class,
@@ -167,9 +169,14 @@ def pipeline_deepseek_v4(
         model_args.n_layers, job_config, parallel_dims.dp_replicate * parallel_dims.dp_shard
     )
     names = stage_module_names(model_args.n_layers, job_config)
+    pp_mesh = parallel_dims.get_mesh("pp")
     stages, parts = pipeline_module_split(
-        model, parallel_dims.get_mesh("pp"), job_config.parallelism.pipeline_parallel_schedule, device, names
+        model, pp_mesh, job_config.parallelism.pipeline_parallel_schedule, device, names
     )
+    stages = [
+        DeepSeekV4PipelineStage(s.submod, s.stage_index, s.num_stages, device, group=pp_mesh.get_group())
+        for s in stages
+    ]
     step = PipelineStep()
     mtp_trains = model.mtp is not None and model.mtp.trains
     for i, (stage, part) in enumerate(zip(stages, parts)):
@@ -186,6 +193,49 @@ def pipeline_deepseek_v4(
     has_first = any(s.is_first for s in stages)
     has_last = any(s.is_last for s in stages)
     return ScheduleOverGlobalTokens(schedule, step, device), parts, has_first, has_last
+
+
+class DeepSeekV4PipelineStage(PipelineStage):
+    """torch's PipelineStage, whose metadata inference leaves no trace in the step.
+
+    torch 2.13 infers a stage's tensors at the first step (and at each train/eval switch) by running the
+    stage's forward, and the last stage's loss and a backward, once on placeholder inputs: ``torch.empty``
+    for a stage after the first (arbitrary ids and values). V4's forward and loss have effects beyond their
+    outputs (the experts' token counts for the bias update, the step's metrics, the loss's handoff), so the
+    placeholders here are zeros (valid token ids) and those effects are undone after inference.
+    """
+
+    def _to_tensor(self, arg):
+        placeholder = super()._to_tensor(arg)
+        if not isinstance(arg, torch.Tensor):  # made from metadata (torch.empty), not a real input
+            with torch.no_grad():
+                placeholder.zero_()
+        return placeholder
+
+    def _forward_metadata_inference(self, *args, **kwargs):
+        with effects_undone(self.submod):
+            return super()._forward_metadata_inference(*args, **kwargs)
+
+    def _backward_metadata_inference(self, *args, **kwargs):
+        with effects_undone(self.submod):
+            return super()._backward_metadata_inference(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def effects_undone(part: nn.Module):
+    """Restore the expert token counts, the step's open metrics and the loss handoff of ``part``."""
+    counts = {name: b.clone() for name, b in part.named_buffers() if name.endswith("tokens_per_expert")}
+    metrics = dict(part.step_metrics._open)
+    outputs = list(part.stage_role.step.outputs)
+    try:
+        yield
+    finally:
+        buffers = dict(part.named_buffers())
+        with torch.no_grad():
+            for name, value in counts.items():
+                buffers[name].copy_(value)
+        part.step_metrics._open = metrics
+        part.stage_role.step.outputs[:] = outputs
 
 
 def pipeline_loss(step: PipelineStep, loss_fn):
