@@ -45,13 +45,8 @@ LAST_STAGE = ["hc_head", "norm", "lm_head", "mtp"]
 EVERY_STAGE = ["rope"]
 # Schedules run by the tests on 2 CPU ranks against a single process (tests/distributed/test_pipeline.py).
 SUPPORTED_SCHEDULES = (
-    "1F1B",
-    "GPipe",
-    "Interleaved1F1B",
-    "LoopedBFS",
-    "InterleavedZeroBubble",
-    "ZBVZeroBubble",
-)
+    "1F1B", "GPipe", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"
+)  # fmt: skip
 
 
 def stages_per_rank(job_config: JobConfig, n_layers: int) -> int:

@@ -270,7 +270,10 @@ class DeepSeekV4Model(ModelProtocol):
         if len(hidden) == 1 and stats is None and not (role.pipelined and self.training):
             return self.lm_head(hidden[0])
         S = tokens.shape[1]
-        logits = self.lm_head(torch.cat(hidden, dim=1)).split(S, dim=1)  # one lm_head call for all heads
+        if role.pipelined:  # a stage's output is no view (zero-bubble schedules detach it in place)
+            logits = [self.lm_head(h) for h in hidden]
+        else:
+            logits = self.lm_head(torch.cat(hidden, dim=1)).split(S, dim=1)  # one lm_head call for all heads
         outputs = TrainingOutputs(
             mtp_logits=list(logits[1:]),
             mtp_valid=mtp_valid,

@@ -50,7 +50,7 @@ class _AttachToBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         ctx.aux_dtype = aux.dtype
-        return x.view_as(x)
+        return x.clone()  # not a view: zero-bubble schedules detach stage outputs in place
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
