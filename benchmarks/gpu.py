@@ -9,7 +9,8 @@ rewritten after every figure, and every figure is printed as soon as it is known
   1. training steps of the ``debugmodel`` flavor and the ``bench_mid`` shape through TorchTitan's own
      Trainer (``./run_train.sh``, NGPU=1; ``dsv4_bench/gpu_training.py``): tokens/s, MFU (the package's
      FLOP accounting, ``get_nparams_and_flops``), peak memory; FSDP2 on a 1-rank mesh (each rank's step of
-     a multi-GPU job) and TorchTitan's one-GPU autocast; ``fp32_compute ""`` prices the fp32 logits;
+     a multi-GPU job) and TorchTitan's one-GPU autocast; ``fp32_compute hc_mixing`` (the default less
+     ``attention_logits``) prices the fp32 attention logits;
   2. the attention kernels, sparse against dense, fwd+bwd at 4K-32K tokens (``dsv4_bench/gpu_attention.py``);
   3. the routed experts, ``torch._grouped_mm`` against the per-expert loop (``dsv4_bench/gpu_experts.py``).
 """
@@ -62,7 +63,11 @@ def sizes(smoke: bool) -> dict:
             warmup=1,
             run_cap=60,
             training_cap=40,
-            runs=[TRAINING_RUNS[2], TRAINING_RUNS[4]],  # a bench_mid FSDP2 run with flags, an autocast run
+            # an FSDP2 run with an option flag and an autocast run, on the small flavor
+            runs=[
+                dict(TRAINING_RUNS[2], flavor="debugmodel", label="debugmodel fsdp2 fp32_compute=hc_mixing"),
+                TRAINING_RUNS[4],
+            ],
             lengths=[512, 1024],
             attention_cap=10,
             attention_dims=["debugmodel"],

@@ -7,12 +7,13 @@ only times it and registers what the one-GPU runs need:
     applies FSDP2 over a 1-rank ``('fsdp',)`` mesh (``apply_fsdp``: the fp32 unit rules, bf16 params /
     fp32 reduce), which TorchTitan skips on one GPU (there it runs the fp32 model under
     ``torch.autocast``). So the step computes what each rank of a multi-GPU FSDP job computes; the
-    Trainer's autocast is then turned off, as Titan turns it off whenever FSDP is on.
+    Trainer's autocast is then turned off, as Titan turns it off whenever FSDP is on. On torch < 2.13
+    the fp32 islands get one unit each (``grouped_islands_supported`` says why).
 
 ``GpuTimedTrainer`` wraps ``train_step`` with device synchronisation on both sides (the step's wall time
-on the device), resets the allocator's peak after the untimed steps, keeps TorchTitan's own logged
-metrics (tps, tflops, mfu, memory) of every step, and rewrites ``$DSV4_GPU_OUT`` after every step, so a
-run killed at its time cap still leaves the steps it finished.
+on the device), keeps TorchTitan's own logged metrics (tps, tflops, mfu, memory) of every step with the
+allocator's peak of that step (read before Titan resets it), and rewrites ``$DSV4_GPU_OUT`` after every
+step, so a run killed at its time cap still leaves the steps it finished.
 """
 
 from __future__ import annotations
@@ -37,7 +38,24 @@ from .launcher import register as register_bench
 
 OUT_ENV = "DSV4_GPU_OUT"  # JSON file this run writes
 WARMUP_ENV = "DSV4_GPU_WARMUP"  # untimed first steps (the config's indexer warm-up included)
+GROUP_ENV = "DSV4_GPU_GROUP_ISLANDS"  # "1" / "0" force grouped / per-island fp32 units; unset: by torch
 FSDP1 = "deepseek_v4_fsdp1"
+
+
+def grouped_islands_supported() -> bool:
+    """Whether FSDP2 casts the inputs of every module of a grouped ``fully_shard([a, b, ...])`` unit.
+
+    torch 2.13 runs a group's pre-forward hook (``cast_forward_inputs``) for each module; older torch ran
+    it for the group's first module only, so the grouped fp32 islands' later modules got bf16 inputs
+    ("expected mat1 and mat2 to have the same dtype": seen on torch 2.11 on an H200). The package pins
+    torch>=2.13; on older torch this benchmark falls back to one fp32 unit per island (``group_islands=
+    False``, section b's baseline layout) and records it.
+    """
+    forced = os.environ.get(GROUP_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 13)
 
 
 def parallelize_fsdp_one_rank(model, parallel_dims, job_config):
@@ -69,9 +87,11 @@ def parallelize_fsdp_one_rank(model, parallel_dims, job_config):
             reduce_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_reduce],
         ),
         reshard_after_forward=reshard_after_forward(job_config, parallel_dims),
+        group_islands=grouped_islands_supported(),
     )
     bind_hca_param_sync_group(model, hca_param_sync_group(mesh))
     model.fsdp_one_rank = True
+    model.fsdp_group_islands = grouped_islands_supported()
     return model
 
 
@@ -109,9 +129,10 @@ class GpuTimedTrainer(DeepSeekV4Trainer):
         titan_log = mp.logger.log
 
         def keep(metrics, step):  # TorchTitan's own figures of the step, as it logs them
-            self.titan.append(
-                {"step": step, **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
-            )
+            figures = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            if self.device.type == "cuda":  # read before Titan resets the allocator's peak after logging
+                figures["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.titan.append({"step": step, **figures})
             return titan_log(metrics, step)
 
         mp.logger.log = keep
@@ -124,6 +145,7 @@ class GpuTimedTrainer(DeepSeekV4Trainer):
             "flavor": job_config.model.flavor,
             "model_name": job_config.model.name,
             "mode": "fsdp2_1rank" if self.fsdp_one_rank else "titan_1gpu_autocast",
+            "fsdp_group_islands": getattr(self.model_parts[0], "fsdp_group_islands", None),
             "seq_len": job_config.training.seq_len,
             "local_batch_size": job_config.training.local_batch_size,
             "tokens_per_step": job_config.training.seq_len * job_config.training.local_batch_size,
@@ -150,8 +172,6 @@ class GpuTimedTrainer(DeepSeekV4Trainer):
 
     def train_step(self, data_iterator):
         timed = self.step > self.warmup
-        if self.step == self.warmup + 1 and self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
         _sync(self.device)
         start = time.perf_counter()
         super().train_step(data_iterator)
@@ -170,9 +190,10 @@ class GpuTimedTrainer(DeepSeekV4Trainer):
             "losses": self.losses,
             "titan_metrics": self.titan,
         }
-        if self.device.type == "cuda" and self.step_s:
-            record["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            record["max_memory_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+        timed = [m for m in self.titan if m["step"] > self.warmup]
+        peaks = [m["max_memory_allocated_gib"] for m in timed if "max_memory_allocated_gib" in m]
+        if peaks:  # over the timed steps (Titan resets the allocator's peak at every logged step)
+            record["max_memory_allocated_gib"] = max(peaks)
         tmp = f"{self.out}.tmp"
         with open(tmp, "w") as f:
             json.dump(record, f)

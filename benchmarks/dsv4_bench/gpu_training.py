@@ -118,9 +118,10 @@ def derive(record: dict, matmul_tflops: float | None, datasheet_tflops: float) -
             vals = [m[key] for m in timed_titan if key in m]
             if vals:
                 out[name + "_median"] = statistics.median(vals)
-        mem = [m["memory/max_reserved(GiB)"] for m in timed_titan if "memory/max_reserved(GiB)" in m]
-        if mem:
-            out["titan_memory_max_reserved_gib"] = max(mem)
+        for key, name in [("memory/max_reserved(GiB)", "reserved"), ("memory/max_active(GiB)", "active")]:
+            mem = [m[key] for m in timed_titan if key in m]
+            if mem:
+                out[f"titan_memory_max_{name}_gib"] = max(mem)
     return out
 
 
