@@ -47,33 +47,35 @@ def _reference(dp: int):
     return model, {n: p.grad for n, p in model.named_parameters()}
 
 
-def _pipelined(rank: int, world: int, ep: int, mixed: str):
-    """This rank's stage(s), built as Titan's trainer builds them; after one schedule step in fp32 its
-    parameters' full gradients, in bf16 its units."""
-    from torch.distributed.tensor import distribute_tensor
-
-    from tests.helpers.sharded import dims, full_grads, titan_job
-    from titan_dsv4.infra.fsdp_units import canonical_name
+def _stages(parallel, ep: int, mixed: str, schedule: str):
+    """This rank's stage(s) of a meta model, split and parallelized as Titan's trainer does it."""
+    from tests.helpers.sharded import titan_job
     from titan_dsv4.infra.loss import deepseek_v4_loss
     from titan_dsv4.infra.parallelize import parallelize_deepseek_v4
     from titan_dsv4.infra.pipeline import pipeline_deepseek_v4
-    from titan_dsv4.infra.unit_plan import fsdp_units
     from titan_dsv4.model import DeepSeekV4Model
 
-    parallel = dims(world, pp=2, dp_shard=2, ep=ep)
     job = titan_job(
         "--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2",
         "--parallelism.expert_parallel_degree", str(ep), "--training.local_batch_size", str(LOCAL_BATCH),
         "--training.seq_len", str(SEQ), "--training.mixed_precision_param", mixed,
+        "--parallelism.pipeline_parallel_schedule", schedule,
     )  # fmt: skip
     with torch.device("meta"):
         model = DeepSeekV4Model(_args())
-    schedule, parts, first, last = pipeline_deepseek_v4(
+    return pipeline_deepseek_v4(
         model, parallel, job, torch.device("cpu"), model.model_args, parallelize_deepseek_v4, deepseek_v4_loss
     )
-    if mixed != "float32":
-        return {"units": [fsdp_units(p) for p in parts], "has_last": last}
-    ref, _ = _reference(2)
+
+
+def _one_step(parallel, ep: int, schedule: str, ref) -> dict:
+    """One schedule step from the reference's weights, as Titan's trainer calls it: {parameter: gradient}."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from tests.helpers.sharded import full_grads
+    from titan_dsv4.infra.fsdp_units import canonical_name
+
+    schedule_, parts, first, last = _stages(parallel, ep, "float32", schedule)
     params, buffers = dict(ref.named_parameters()), dict(ref.named_buffers())
     for part in parts:
         part.to_empty(device="cpu")
@@ -89,38 +91,57 @@ def _pipelined(rank: int, world: int, ep: int, mixed: str):
     inputs, labels = _global_batch(2)
     dp_rank = parallel.get_mesh("fsdp").get_local_rank()
     rows = slice(dp_rank * LOCAL_BATCH, (dp_rank + 1) * LOCAL_BATCH)
-    losses = [] if last else None
-    if first:
-        schedule.step(inputs[rows], target=labels[rows] if last else None, losses=losses, return_outputs=False)
-    else:
-        schedule.step(target=labels[rows] if last else None, losses=losses, return_outputs=False)
+    target, losses = (labels[rows], []) if last else (None, None)
+    args = (inputs[rows],) if first else ()
+    schedule_.step(*args, target=target, losses=losses, return_outputs=False)
     grads = {}
     for part in parts:
         grads.update(full_grads(part))
-    return {"grads": grads, "losses": [float(x) for x in losses or []]}
+    return grads
 
 
-@pytest.mark.parametrize("ep", [1, 2], ids=["pp2-dp2", "pp2-dp2-ep2"])
-def test_pipeline_step_gives_single_process_gradients(ep):
-    reports = run_on_ranks(_pipelined, 4, ep, "float32", timeout=300)
-    _, expected = _reference(2)
+def _pipelined(rank: int, world: int, ep: int, schedules: tuple[str, ...]):
+    """Per schedule, this rank's parameters' full gradients after one step (fp32); under EP also the units of
+    a bf16 build."""
+    from tests.helpers.sharded import dims
+    from titan_dsv4.infra.unit_plan import fsdp_units
+
+    from tests.helpers.sharded import reference_model
+
+    parallel = dims(world, pp=2, dp_shard=2, ep=ep)
+    ref = reference_model(_args())  # the reference's initial weights
+    report = {s: _one_step(parallel, ep, s, ref) for s in schedules}
+    if ep > 1:
+        report["units"] = [fsdp_units(p) for p in _stages(parallel, ep, "bfloat16", "1F1B")[1]]
+    return report
+
+
+def _assert_single_process_gradients(reports, schedule: str, expected: dict) -> None:
     got = {}
     for report in reports:
-        for name, grad in report["grads"].items():
+        for name, grad in report[schedule].items():
             if name in got:  # the dp ranks of a stage hold the same full gradient
                 torch.testing.assert_close(grad, got[name], rtol=0, atol=0)
             got[name] = grad
-    assert set(got) == set(expected)
+    assert set(got) == set(expected), schedule
     for name, grad in expected.items():
-        assert (got[name] is None) == (grad is None), name
+        assert (got[name] is None) == (grad is None), (schedule, name)
         if grad is not None:
-            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=name)
-    # the logged losses are sums again (Titan divides them by the global token count)
-    assert sum(x for r in reports for x in r["losses"]) > 0
+            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=f"{schedule} {name}")
 
 
-def test_pipeline_stages_keep_the_fp32_unit_rules():
-    reports = run_on_ranks(_pipelined, 4, 2, "bfloat16", timeout=300)
+def test_every_schedule_at_pp2_dp2_gives_single_process_gradients():
+    from titan_dsv4.infra.pipeline import SUPPORTED_SCHEDULES
+
+    reports = run_on_ranks(_pipelined, 4, 1, SUPPORTED_SCHEDULES, timeout=600)
+    _, expected = _reference(2)
+    for schedule in SUPPORTED_SCHEDULES:
+        _assert_single_process_gradients(reports, schedule, expected)
+
+
+def test_pp2_dp2_ep2_gives_single_process_gradients_and_keeps_the_fp32_unit_rules():
+    reports = run_on_ranks(_pipelined, 4, 2, ("1F1B",), timeout=300)
+    _assert_single_process_gradients(reports, "1F1B", _reference(2)[1])
     kinds = {}
     for report in reports:
         for units in report["units"]:
@@ -130,7 +151,8 @@ def test_pipeline_stages_keep_the_fp32_unit_rules():
     assert {u.compute_dtypes for u in kinds["block"]} == {frozenset({torch.bfloat16})}
     for u in kinds["island"] + kinds["holder"]:
         assert u.compute_dtypes == frozenset({torch.float32}), u
-    # every block and MTP depth is a unit on the stage that holds it
+    assert kinds["experts"], "under EP each stage's routed experts are a unit of their own"
+    # every block and MTP depth is a unit on the stage that holds it; the lm_head an fp32 island
     block_names = {u.name for u in kinds["block"] + kinds["mtp"]}
     assert {"layers.0", "layers.1", "layers.2", "layers.3", "mtp.layers.0"} <= block_names, block_names
     assert any(m.startswith("lm_head") for u in kinds["island"] for m in u.members)

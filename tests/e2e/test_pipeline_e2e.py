@@ -1,0 +1,109 @@
+"""Pipeline parallelism through TorchTitan's Trainer on 2 CPU ranks: pp 2 gives the single process's losses
+and logged figures over 8 steps (fp32, MTP 1, the indexer's dense warm-up then its KL, packed documents, hash
+and learned-router MoE layers), checkpoints resume across pp degrees, and the default config trains."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from titan_dsv4.launch import run_train, step_metrics
+
+pytestmark = pytest.mark.slow
+FIGURES = ("loss", "mtp_loss", "indexer_kl", "indexer_recall")
+STEPS = 8
+PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
+ONE_RANK = {"NGPU": "1"}
+
+
+def _common(seed_dir) -> list[str]:
+    """fp32, seeded, every V4 option the pipeline must carry; every run starts from one seed checkpoint."""
+    return [
+        "--training.mixed_precision_param", "float32", "--debug.seed", "42", "--debug.deterministic",
+        "--training.steps", str(STEPS), "--deepseek_v4.mtp_layers", "1",
+        "--deepseek_v4.attn_mask_type", "block_causal", "--metrics.log_freq", "1",
+        "--checkpoint.enable", "--checkpoint.interval", "4",
+        "--checkpoint.initial_load_path", str(seed_dir),
+    ]  # fmt: skip
+
+
+def _figures(log: str, steps) -> dict[int, tuple[float, ...]]:
+    logged = step_metrics(log)[
+        0
+    ]  # rank 0 (the first stage) logs the last stage's loss and every stage's figures
+    return {s: tuple(logged[s][k] for k in FIGURES) for s in steps}
+
+
+def _assert_close(got: dict, expected: dict, tol: float = 1e-5) -> None:
+    """Equal within ``tol`` (the log prints 5 decimals)."""
+    assert got.keys() == expected.keys()
+    for step in expected:
+        for name, a, b in zip(FIGURES, got[step], expected[step]):
+            assert abs(a - b) <= tol + 1e-9, f"step {step} {name}: {a} vs {b}"
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """A seed checkpoint, and the single process's 8 steps from it (saving steps 4 and 8)."""
+    root = tmp_path_factory.mktemp("pp")
+    run_train(
+        ["--checkpoint.enable", "--checkpoint.create_seed_checkpoint", "--deepseek_v4.mtp_layers", "1",
+         "--parallelism.data_parallel_shard_degree", "1", "--job.dump_folder", str(root / "seed")],
+        env=ONE_RANK, log_ranks="0", check=True,
+    )  # fmt: skip
+    seed = root / "seed" / "checkpoint" / "step-0"
+    _, log = run_train([*_common(seed), "--job.dump_folder", str(root / "single")], env=ONE_RANK, check=True)
+    return root, seed, _figures(log, range(1, STEPS + 1))
+
+
+def _pp2(single, schedule: str):
+    """A pp 2 run of 8 steps from the seed checkpoint; (its folder, args, figures)."""
+    root, seed, expected = single
+    folder = root / schedule
+    args = [*_common(seed), *PP2, "--parallelism.pipeline_parallel_schedule", schedule]
+    code, log = run_train([*args, "--job.dump_folder", str(folder)])
+    assert code == 0 and log.count("Process group destroyed") == 2, log[-4000:]
+    return folder, args, _figures(log, range(1, STEPS + 1))
+
+
+@pytest.fixture(scope="module")
+def one_f_one_b(single):
+    return _pp2(single, "1F1B")
+
+
+def test_pp2_1f1b_gives_the_single_process_figures_and_resumes_bit_exactly(single, one_f_one_b):
+    root, _, expected = single
+    folder, args, straight = one_f_one_b
+    _assert_close(straight, expected)
+    # Same degree: the resume from step 4 repeats steps 5-8 bit for bit.
+    resumed = root / "1F1B-resumed"
+    shutil.copytree(folder / "checkpoint" / "step-4", resumed / "checkpoint" / "step-4")
+    code, log = run_train([*args, "--job.dump_folder", str(resumed)])
+    assert code == 0 and "Training starts at step 5" in log, log[-4000:]
+    assert _figures(log, range(5, STEPS + 1)) == {s: straight[s] for s in range(5, STEPS + 1)}
+
+
+@pytest.mark.parametrize("schedule", ["Interleaved1F1B", "ZBVZeroBubble"])
+def test_pp2_looped_and_zero_bubble_schedules_give_the_single_process_figures(single, schedule):
+    _assert_close(_pp2(single, schedule)[2], single[2])
+
+
+@pytest.mark.parametrize("target", ["pp1", "pp2"], ids=["pp2-to-pp1", "pp1-to-pp2"])
+def test_checkpoints_resume_across_pp_degrees(single, one_f_one_b, target):
+    root, seed, expected = single
+    source = one_f_one_b[0] if target == "pp1" else root / "single"
+    folder = root / f"to-{target}"
+    shutil.copytree(source / "checkpoint" / "step-4", folder / "checkpoint" / "step-4")
+    extra, env = (PP2, None) if target == "pp2" else ([], ONE_RANK)
+    code, log = run_train([*_common(seed), *extra, "--job.dump_folder", str(folder)], env=env)
+    assert code == 0 and "Training starts at step 5" in log, log[-4000:]
+    _assert_close(_figures(log, range(5, STEPS + 1)), {s: expected[s] for s in range(5, STEPS + 1)})
+
+
+def test_run_train_default_config_with_pp2(tmp_path):
+    code, log = run_train([*PP2, "--training.steps", "30", "--job.dump_folder", str(tmp_path)], timeout=600)
+    assert code == 0 and log.count("Process group destroyed") == 2, log[-4000:]
+    losses = {s: f["loss"] for s, f in step_metrics(log)[0].items()}
+    assert sorted(losses) == list(range(1, 31))
+    assert losses[30] < losses[1] - 1.0, losses
