@@ -103,10 +103,8 @@ def _one_step(parallel, ep: int, schedule: str, ref) -> dict:
 def _pipelined(rank: int, world: int, ep: int, schedules: tuple[str, ...]):
     """Per schedule, this rank's parameters' full gradients after one step (fp32); under EP also the units of
     a bf16 build."""
-    from tests.helpers.sharded import dims
+    from tests.helpers.sharded import dims, reference_model
     from titan_dsv4.infra.unit_plan import fsdp_units
-
-    from tests.helpers.sharded import reference_model
 
     parallel = dims(world, pp=2, dp_shard=2, ep=ep)
     ref = reference_model(_args())  # the reference's initial weights
