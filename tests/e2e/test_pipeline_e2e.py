@@ -1,6 +1,7 @@
 """Pipeline parallelism through TorchTitan's Trainer on 2 CPU ranks: pp 2 gives the single process's losses
 and logged figures over 8 steps (fp32, MTP 1, the indexer's dense warm-up then its KL, packed documents, hash
-and learned-router MoE layers), checkpoints resume across pp degrees, and the default config trains."""
+and learned-router MoE layers), and checkpoints resume across pp degrees (bit-exact at the same degree). Every launch goes through
+``./run_train.sh``."""
 
 from __future__ import annotations
 
@@ -15,12 +16,22 @@ FIGURES = ("loss", "mtp_loss", "indexer_kl", "indexer_recall")
 STEPS = 8
 PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
 ONE_RANK = {"NGPU": "1"}
+# The single process runs the pipeline's microbatches (1 row each) as gradient accumulation: the same global
+# batch, the same microbatches, so the same sums in the same order.
+ACCUMULATE = ["--training.local_batch_size", "1", "--training.global_batch_size", "2"]
 
 
 def _common(seed_dir) -> list[str]:
-    """fp32, seeded, every V4 option the pipeline must carry; every run starts from one seed checkpoint."""
+    """fp32, seeded, every V4 option the pipeline must carry; every run starts from one seed checkpoint.
+
+    Gradient clipping is off: under pipelining Titan's ``clip_grad_norm_`` sums the squared norm stage by
+    stage, the same norm added in another order, and a last-bit difference in the clip factor then grows
+    over steps of this tiny, fast-moving model (with clipping on, 8 steps agree to about 4e-5). Without it
+    pp 2 repeats the single process's figures to the last printed digit.
+    """
     return [
         "--training.mixed_precision_param", "float32", "--debug.seed", "42", "--debug.deterministic",
+        "--training.max_norm", "1e9",
         "--training.steps", str(STEPS), "--deepseek_v4.mtp_layers", "1",
         "--deepseek_v4.attn_mask_type", "block_causal", "--metrics.log_freq", "1",
         "--checkpoint.enable", "--checkpoint.interval", "4",
@@ -49,11 +60,14 @@ def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("pp")
     run_train(
         ["--checkpoint.enable", "--checkpoint.create_seed_checkpoint", "--deepseek_v4.mtp_layers", "1",
+         "--debug.seed", "42",
          "--parallelism.data_parallel_shard_degree", "1", "--job.dump_folder", str(root / "seed")],
         env=ONE_RANK, log_ranks="0", check=True,
     )  # fmt: skip
     seed = root / "seed" / "checkpoint" / "step-0"
-    _, log = run_train([*_common(seed), "--job.dump_folder", str(root / "single")], env=ONE_RANK, check=True)
+    _, log = run_train(
+        [*_common(seed), *ACCUMULATE, "--job.dump_folder", str(root / "single")], env=ONE_RANK, check=True
+    )
     return root, seed, _figures(log, range(1, STEPS + 1))
 
 
@@ -95,15 +109,7 @@ def test_checkpoints_resume_across_pp_degrees(single, one_f_one_b, target):
     source = one_f_one_b[0] if target == "pp1" else root / "single"
     folder = root / f"to-{target}"
     shutil.copytree(source / "checkpoint" / "step-4", folder / "checkpoint" / "step-4")
-    extra, env = (PP2, None) if target == "pp2" else ([], ONE_RANK)
+    extra, env = (PP2, None) if target == "pp2" else (ACCUMULATE, ONE_RANK)
     code, log = run_train([*_common(seed), *extra, "--job.dump_folder", str(folder)], env=env)
     assert code == 0 and "Training starts at step 5" in log, log[-4000:]
     _assert_close(_figures(log, range(5, STEPS + 1)), {s: expected[s] for s in range(5, STEPS + 1)})
-
-
-def test_run_train_default_config_with_pp2(tmp_path):
-    code, log = run_train([*PP2, "--training.steps", "30", "--job.dump_folder", str(tmp_path)], timeout=600)
-    assert code == 0 and log.count("Process group destroyed") == 2, log[-4000:]
-    losses = {s: f["loss"] for s, f in step_metrics(log)[0].items()}
-    assert sorted(losses) == list(range(1, 31))
-    assert losses[30] < losses[1] - 1.0, losses

@@ -184,8 +184,7 @@ def pipeline_deepseek_v4(
     for i, (stage, part) in enumerate(zip(stages, parts)):
         part.stage_role = StageRole(
             pipelined=True,
-            carries_embeddings=mtp_trains,
-            mtp_lookahead=model_args.mtp_layers if mtp_trains else 0,
+            mtp_aheads=model_args.mtp_layers if mtp_trains else 0,
             step=step,
         )
         part.find_hca_compressors()
@@ -215,7 +214,8 @@ class DeepSeekV4PipelineStage(PipelineStage):
         return placeholder
 
     def _forward_metadata_inference(self, *args, **kwargs):
-        with effects_undone(self.submod):
+        # its training outputs stay for the loss of the backward inference, which takes them
+        with effects_undone(self.submod, keep_outputs=True):
             return super()._forward_metadata_inference(*args, **kwargs)
 
     def _backward_metadata_inference(self, *args, **kwargs):
@@ -224,11 +224,11 @@ class DeepSeekV4PipelineStage(PipelineStage):
 
 
 @contextlib.contextmanager
-def effects_undone(part: nn.Module):
-    """Restore the expert token counts, the step's open metrics and the loss handoff of ``part``."""
+def effects_undone(part: nn.Module, keep_outputs: bool = False):
+    """Restore the expert token counts and the step's open metrics; empty the loss handoff unless kept
+    (inference runs before any microbatch of a step, when it is empty)."""
     counts = {name: b.clone() for name, b in part.named_buffers() if name.endswith("tokens_per_expert")}
     metrics = dict(part.step_metrics._open)
-    outputs = list(part.stage_role.step.outputs)
     try:
         yield
     finally:
@@ -237,7 +237,8 @@ def effects_undone(part: nn.Module):
             for name, value in counts.items():
                 buffers[name].copy_(value)
         part.step_metrics._open = metrics
-        part.stage_role.step.outputs[:] = outputs
+        if not keep_outputs:
+            part.stage_role.step.outputs.clear()
 
 
 def pipeline_loss(step: PipelineStep, loss_fn):
@@ -245,8 +246,12 @@ def pipeline_loss(step: PipelineStep, loss_fn):
     (as Titan divides it without pipelining)."""
 
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        pred = (logits, step.outputs.pop(0)) if step.outputs else logits
-        return loss_fn(pred, labels) / step.tokens
+        if not step.outputs:  # validation (eval): the plain logits
+            return loss_fn(logits, labels) / step.tokens
+        outputs = step.outputs.pop(0)
+        main, *mtp = logits.split(labels.shape[1], dim=1) if outputs.joined_heads > 1 else [logits]
+        outputs.mtp_logits = mtp
+        return loss_fn((main, outputs), labels) / step.tokens
 
     return loss
 

@@ -127,6 +127,7 @@ class TrainingOutputs:
     # context parallelism: MTP targets labels[t+k] may live on another shard (mtp_valid is then [B, S])
     shard: SequenceShard | None = None
     pipelined: bool = False  # a pipeline's last stage: the loss must keep a graph back to the stage's input
+    joined_heads: int = 1  # pipelined: the logits hold this many heads along the sequence (main, then MTP)
 
 
 class StepMetrics:
@@ -218,12 +219,12 @@ class DeepSeekV4Model(ModelProtocol):
         if self.tok_embeddings is not None:
             (tokens,) = inputs
             check_token_ids(tokens, self.vocab_size)
-            embedded = self.tok_embeddings(role.embedding_input(tokens)) if role.carries_embeddings else None
-            h = self.tok_embeddings(tokens) if embedded is None else embedded[:, : tokens.shape[1]]
+            h = self.tok_embeddings(tokens)
             streams = h.unsqueeze(2).expand(-1, -1, self.hc_mult, -1).contiguous()
-        else:  # a later pipeline stage: the mHC streams, the token ids, and (for MTP) the embeddings
-            streams, tokens, *carried = inputs
-            embedded = carried[0] if carried else None
+            # pipelined with MTP: the embeddings of the tokens k ahead, for the depths on the last stage
+            aheads = [self.tok_embeddings(shifted(tokens, k)) for k in range(1, role.mtp_aheads + 1)]
+        else:  # a later pipeline stage: the mHC streams, the token ids, and (for MTP) the embeddings ahead
+            streams, tokens, *aheads = inputs
         packed = args.attn_mask_type == "block_causal"
         shard = self.sequence_shard(tokens, positions)
         if shard is not None:
@@ -248,13 +249,13 @@ class DeepSeekV4Model(ModelProtocol):
                 stats = layer_stats if stats is None else stats + layer_stats
         if self.lm_head is None:  # not the last pipeline stage
             streams = self.stage_indexer_loss_to_backward(streams, stats, ctx)
-            return (streams, tokens) + ((embedded,) if role.carries_embeddings else ())
+            return (streams, tokens, *aheads)
         hidden = [self.norm(self.hc_head(streams).to(streams.dtype))]
         mtp_valid = []
         if self.training and self.mtp is not None and self.mtp.trains:
             for k, depth in enumerate(self.mtp.layers.values(), start=1):
-                if embedded is not None:  # pipelined: the first stage embedded the tokens ahead too
-                    ahead_embedded = embedded[:, k : k + tokens.shape[1]]
+                if aheads:  # pipelined: the first stage embedded them
+                    ahead_embedded = aheads[k - 1]
                 else:
                     ahead_embedded = self.tok_embeddings(
                         shifted(tokens, k) if shard is None else shard.ahead(k)
@@ -269,11 +270,10 @@ class DeepSeekV4Model(ModelProtocol):
                     mtp_valid.append(shard.local(valid))
         if len(hidden) == 1 and stats is None and not (role.pipelined and self.training):
             return self.lm_head(hidden[0])
-        S = tokens.shape[1]
-        if role.pipelined:  # a stage's output is no view (zero-bubble schedules detach it in place)
-            logits = [self.lm_head(h) for h in hidden]
-        else:
-            logits = self.lm_head(torch.cat(hidden, dim=1)).split(S, dim=1)  # one lm_head call for all heads
+        joined = self.lm_head(torch.cat(hidden, dim=1))  # one call for all heads
+        # A pipeline stage returns the joined logits and the loss splits them: no view may leave a stage
+        # (zero-bubble schedules detach a stage's outputs in place).
+        logits = [joined] if role.pipelined else joined.split(tokens.shape[1], dim=1)
         outputs = TrainingOutputs(
             mtp_logits=list(logits[1:]),
             mtp_valid=mtp_valid,
@@ -285,6 +285,7 @@ class DeepSeekV4Model(ModelProtocol):
             indexer_warmup=ctx.indexer_dense,
             shard=shard,
             pipelined=role.pipelined,
+            joined_heads=len(hidden) if role.pipelined else 1,
         )
         if role.pipelined:  # the schedule passes tensors only: the loss takes these from the shared step
             role.step.outputs.append(outputs)

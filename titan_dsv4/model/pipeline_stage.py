@@ -35,13 +35,8 @@ class StageRole:
     """A model part's place in the pipeline; the default is the whole model (no pipelining)."""
 
     pipelined: bool = False
-    carries_embeddings: bool = False  # the first stage embeds the tokens ahead for the MTP depths
-    mtp_lookahead: int = 0  # how many tokens past the sequence the MTP depths look (their count)
+    mtp_aheads: int = 0  # MTP trains: the first stage embeds the tokens 1..mtp_aheads ahead for the last
     step: PipelineStep = field(default_factory=PipelineStep)
-
-    def embedding_input(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The tokens and ``mtp_lookahead`` padding ids 0, as the unsplit model embeds the shifted tokens."""
-        return torch.cat([tokens, tokens.new_zeros(tokens.shape[0], self.mtp_lookahead)], dim=1)
 
 
 class _AttachToBackward(torch.autograd.Function):
