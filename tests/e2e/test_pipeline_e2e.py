@@ -1,7 +1,7 @@
-"""Pipeline parallelism through TorchTitan's Trainer on 2 CPU ranks: pp 2 gives the single process's losses
-and logged figures over 8 steps (fp32, MTP 1, the indexer's dense warm-up then its KL, packed documents, hash
-and learned-router MoE layers), and checkpoints resume across pp degrees (bit-exact at the same degree). Every launch goes through
-``./run_train.sh``."""
+"""Pipeline parallelism through TorchTitan's Trainer on 2 CPU ranks (every launch is ``./run_train.sh``): pp 2
+gives the single process's losses and logged figures over 8 steps (fp32, MTP 1, the indexer's dense warm-up
+then its KL, packed documents, hash and learned-router MoE layers), and checkpoints resume across pp degrees
+(bit-exact at the same degree)."""
 
 from __future__ import annotations
 
