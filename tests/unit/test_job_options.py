@@ -71,6 +71,32 @@ def test_check_job_refuses_with_the_key_named(flags, named):
     assert named in str(refused.value)
 
 
+PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
+
+
+@pytest.mark.parametrize(
+    "world, flags, named",
+    [
+        (2, [*PP2, "--parallelism.pipeline_parallel_layers_per_stage", "1"], "makes 6 stages"),
+        (8, ["--parallelism.pipeline_parallel_degree", "8"], "4 layers do not split into 8 pipeline stages"),
+        (2, [*PP2, "--parallelism.pipeline_parallel_microbatch_size", "3"], "does not divide"),
+        (2, [*PP2, "--parallelism.pipeline_parallel_schedule", "Foo"], "is not a schedule TorchTitan has"),
+        (2, [*PP2, "--parallelism.pipeline_parallel_schedule", "DualPipeV"], "not run by DeepSeek-V4"),
+        (4, [*PP2, "--parallelism.context_parallel_degree", "2"], "with context parallelism is not"),
+        (2, [*PP2, "--training.global_batch_size", "4"], "asks for gradient accumulation"),
+    ],
+)
+def test_check_job_refuses_pipelines_it_cannot_run(monkeypatch, world, flags, named):
+    """Layers that do not split, microbatches that do not divide, unknown schedules: refused before any work
+    (``check_job`` runs in run_train.sh's preflight and in the train spec's first hook)."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(ConfigError) as refused:
+        check_job(_job(*flags))
+    assert named in str(refused.value)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_job(_job(*PP2))  # the default pipeline is accepted
+
+
 def test_hf_export_is_refused_only_where_the_trainer_cannot_complete_it():
     job = _job("--checkpoint.enable", "--checkpoint.last_save_in_hf", "--checkpoint.last_save_model_only")
     with pytest.raises(ConfigError, match="checkpoint.last_save_in_hf needs titan_dsv4's trainer"):
