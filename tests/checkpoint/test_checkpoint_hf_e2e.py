@@ -69,6 +69,45 @@ def test_save_pretrained_folder_trains_and_exports_a_folder_transformers_loads(c
 
 
 @pytest.mark.slow
+def test_save_pretrained_folder_loads_and_exports_under_pp2(checkpoints, tmp_path):
+    """Pipeline stages (layer 0 | layers 1-3 and the head: hash layer 1 on the second stage) each read only
+    their own tensors, train from them, and export one folder transformers loads."""
+    from transformers import DeepseekV4ForCausalLM
+
+    from titan_dsv4.launch import bytes_read
+
+    rc, log = run_train(
+        [
+            *HF_LOAD, "--checkpoint.initial_load_path", checkpoints["folders"]["save_pretrained"],
+            "--checkpoint.last_save_in_hf", "--parallelism.pipeline_parallel_degree", "2",
+            "--parallelism.pipeline_parallel_first_stage_less_layers", "3",
+            "--job.dump_folder", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert rc == 0, log[-4000:]
+    assert "Pipeline stage 1: rope, layers.1, layers.2, layers.3, hc_head, norm, lm_head" in log, log[-4000:]
+    batch = first_global_batch(ranks=1)  # one data-parallel rank
+    assert_first_step_matches(log, transformers_loss(checkpoints["hf"], batch))  # both ranks log the loss
+    read = bytes_read(log)
+    assert sorted(read) == [0, 1] and all(0 < mine < 0.8 * total for mine, total in read.values()), read
+    assert sum(mine for mine, _ in read.values()) == pytest.approx(read[0][1], rel=0.02), read
+
+    export = tmp_path / "checkpoint" / "step-1"
+    hf, info = DeepseekV4ForCausalLM.from_pretrained(
+        str(export), dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    for layer in (0, 1):  # the hash tables of both stages
+        key = f"model.layers.{layer}.mlp.gate.tid2eid"
+        assert torch.equal(hf.state_dict()[key], checkpoints["hf"].state_dict()[key])
+    ours = our_model_from(str(export))
+    tokens = batch[0][:2, :300]
+    with torch.no_grad():
+        diff = (ours(tokens) - hf.eval()(input_ids=tokens).logits).abs().max().item()
+    assert diff <= TOL, diff
+
+
+@pytest.mark.slow
 def test_released_folder_loads_through_the_generated_toml(checkpoints, batch, tmp_path):
     from titan_dsv4.checkpoint.convert_config import render
 
