@@ -100,48 +100,53 @@ def _one_step(parallel, ep: int, schedule: str, ref) -> dict:
     return grads
 
 
-def _pipelined(rank: int, world: int, ep: int, schedules: tuple[str, ...]):
-    """Per schedule, this rank's parameters' full gradients after one step (fp32); under EP also the units of
-    a bf16 build."""
+def _pipelined(rank: int, world: int, schedules: tuple[str, ...]):
+    """Per layout and schedule, this rank's parameters' full gradients after one step (fp32); under EP also
+    the units of a bf16 build. One spawn for both layouts (a spawn costs every rank its imports)."""
     from tests.helpers.sharded import dims, reference_model
     from titan_dsv4.infra.unit_plan import fsdp_units
 
-    parallel = dims(world, pp=2, dp_shard=2, ep=ep)
     ref = reference_model(_args())  # the reference's initial weights
-    report = {s: _one_step(parallel, ep, s, ref) for s in schedules}
-    if ep > 1:
-        report["units"] = [fsdp_units(p) for p in _stages(parallel, ep, "bfloat16", "1F1B")[1]]
+    plain = dims(world, pp=2, dp_shard=2)
+    report = {("pp2-dp2", s): _one_step(plain, 1, s, ref) for s in schedules}
+    expert = dims(world, pp=2, dp_shard=2, ep=2)
+    report["pp2-dp2-ep2", "1F1B"] = _one_step(expert, 2, "1F1B", ref)
+    report["units"] = [fsdp_units(p) for p in _stages(expert, 2, "bfloat16", "1F1B")[1]]
     return report
 
 
-def _assert_single_process_gradients(reports, schedule: str, expected: dict) -> None:
+@pytest.fixture(scope="module")
+def reports():
+    from titan_dsv4.infra.pipeline import SUPPORTED_SCHEDULES
+
+    return run_on_ranks(_pipelined, 4, SUPPORTED_SCHEDULES, timeout=900), _reference(2)[1]
+
+
+def _assert_single_process_gradients(reports, key, expected: dict) -> None:
     got = {}
     for report in reports:
-        for name, grad in report[schedule].items():
+        for name, grad in report[key].items():
             if name in got:  # the dp ranks of a stage hold the same full gradient
                 torch.testing.assert_close(grad, got[name], rtol=0, atol=0)
             got[name] = grad
-    assert set(got) == set(expected), schedule
+    assert set(got) == set(expected), key
     for name, grad in expected.items():
-        assert (got[name] is None) == (grad is None), (schedule, name)
+        assert (got[name] is None) == (grad is None), (key, name)
         if grad is not None:
-            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=f"{schedule} {name}")
+            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
 
 
-def test_every_schedule_at_pp2_dp2_gives_single_process_gradients():
+def test_every_schedule_at_pp2_dp2_gives_single_process_gradients(reports):
     from titan_dsv4.infra.pipeline import SUPPORTED_SCHEDULES
 
-    reports = run_on_ranks(_pipelined, 4, 1, SUPPORTED_SCHEDULES, timeout=600)
-    _, expected = _reference(2)
     for schedule in SUPPORTED_SCHEDULES:
-        _assert_single_process_gradients(reports, schedule, expected)
+        _assert_single_process_gradients(reports[0], ("pp2-dp2", schedule), reports[1])
 
 
-def test_pp2_dp2_ep2_gives_single_process_gradients_and_keeps_the_fp32_unit_rules():
-    reports = run_on_ranks(_pipelined, 4, 2, ("1F1B",), timeout=300)
-    _assert_single_process_gradients(reports, "1F1B", _reference(2)[1])
+def test_pp2_dp2_ep2_gives_single_process_gradients_and_keeps_the_fp32_unit_rules(reports):
+    _assert_single_process_gradients(reports[0], ("pp2-dp2-ep2", "1F1B"), reports[1])
     kinds = {}
-    for report in reports:
+    for report in reports[0]:
         for units in report["units"]:
             for u in units:
                 assert len(u.storage_dtypes) == 1 and len(u.compute_dtypes) == 1, u
