@@ -6,6 +6,8 @@ GiB devices (80 when unset). Any ``--section.key value`` of the job applies (seq
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torchtitan.config import ConfigManager
 
 from titan_dsv4.job_config import job_model_args
@@ -32,7 +34,9 @@ def main() -> None:
     job = ConfigManager().parse_args()
     args = job_model_args(job)
     args.update_from_config(job)
-    training = Training.of(job, Layout(1, 1))
+    # The rows per GPU: a pipelined job's local batch is pp GPUs' worth (the search pipelines it again).
+    rows = max(1, job.training.local_batch_size // job.parallelism.pipeline_parallel_degree)
+    training = replace(Training.of(job, Layout(1, 1)), local_batch_size=rows)
     device, _ = dry_run_device(job)
     print(f"DeepSeek-V4 '{job.model.flavor}', {training.describe()}, {device / GIB:g} GiB devices")
     print("  recommended (fits, then least communication per token, then fewest GPUs):")
