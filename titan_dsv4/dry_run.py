@@ -1,15 +1,19 @@
 """Dry run at scale: ``COMM_MODE=fake_backend NGPU=64 ./run_train.sh --model deepseek_v4 --config ...``.
 
 One process, TorchTitan's fake backend standing in for NGPU ranks: builds Titan's meshes, the model on
-the meta device and runs ``parallelize_deepseek_v4``, then prints the FSDP unit plan (units by kind and
-compute dtype, parameters and bytes per rank, resharding, HCA alignment) and one rank's memory and
-traffic per step (``infra/planning/``): parameter, gradient and AdamW bytes and the largest unsharded unit
-from the built plan, activations at the config's seq_len and AC mode, all-gather / reduce-scatter /
-all-to-all bytes, and whether the layout fits a device of ``--deepseek_v4.gpu_memory_gib`` GiB (80 when
-unset: an 80 GB GPU), with a layout that would fit when it does not. The analytic estimate, which the
-trainer checks before it allocates, is printed beside the built plan's figures. Nothing is allocated, so
-Flash and Pro plans run on a laptop; ``--parallelism.expert_parallel_degree`` and
-``--parallelism.data_parallel_replicate_degree`` choose the layout.
+the meta device and runs ``parallelize_deepseek_v4`` (under pipeline parallelism: the train spec's
+``pipelining_fn``, which splits the model into stages and parallelizes this rank's), then prints the FSDP unit
+plan (units by kind and compute dtype, parameters and bytes per rank, resharding, HCA alignment) and one
+rank's memory and traffic per step (``infra/planning/``): parameter, gradient and AdamW bytes and the largest
+unsharded unit from the built plan, activations at the config's seq_len and AC mode, all-gather /
+reduce-scatter / all-to-all bytes, and whether the layout fits a device of ``--deepseek_v4.gpu_memory_gib``
+GiB (80 when unset: an 80 GB GPU), with a layout that would fit when it does not. The analytic estimate,
+which the trainer checks before it allocates, is printed beside the built plan's figures. Under pipeline
+parallelism the process is pipeline rank 0: its stages are built; the memory printed is the pipeline rank
+with the highest peak (analytic), with the schedule, bubble and stage-to-stage (p2p) bytes, and the
+cross-check is rank 0's. Nothing is allocated, so Flash and Pro plans run on a laptop;
+``--parallelism.expert_parallel_degree``, ``--parallelism.data_parallel_replicate_degree`` and
+``--parallelism.pipeline_parallel_degree`` choose the layout.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 from torchtitan.config import ConfigManager, JobConfig
@@ -53,32 +58,51 @@ def build_plan(job: JobConfig, world_size: int) -> dict:
     with torch.device("meta"):
         model = spec.model_cls(args)
     job.comm.mode = "fake_backend"  # parallelize's fit check guards real runs; the dry run reports the fit
-    spec.parallelize_fn(model, dims, job)
-    plan = summarize(model, dims, job, world_size)
-    plan["memory"] = memory_plan(model, args, dims, job)
+    if dims.pp_enabled:  # this process is pipeline rank 0: its stages, each parallelized
+        device = torch.device("cpu")
+        _, parts, _, _ = spec.pipelining_fn(
+            model, dims, job, device, args, spec.parallelize_fn, spec.build_loss_fn(job)
+        )
+    else:
+        parts = [spec.parallelize_fn(model, dims, job)]
+    plan = summarize(parts, dims, job, world_size)
+    plan["memory"] = memory_plan(parts, args, dims, job)
     return plan
 
 
-def memory_plan(model, args, dims: ParallelDims, job: JobConfig) -> dict:
+def memory_plan(parts, args, dims: ParallelDims, job: JobConfig) -> dict:
     """One rank's memory and traffic from the built units (MTP from shapes until the model has it), the fit
-    against the dry run's device, and the analytic estimate (the trainer's check) beside them."""
+    against the dry run's device, and the analytic estimate (the trainer's check) beside them.
+
+    Under pipeline parallelism: "estimate" is the pipeline rank with the highest peak (analytic: the other
+    ranks' stages are not built here), "built" and "analytic" are pipeline rank 0's, built and from shapes.
+    """
     layout = Layout.of(dims)
     training = Training.of(job, layout)
     device, source = dry_run_device(job)
-    built = estimate(args, layout, training, units=built_units(model))
-    fits = built.fits(device)
+    units = [u for part in parts for u in built_units(part)]
+    if layout.pp > 1:
+        built = estimate(args, layout, training, units=units, pp_rank=0)
+        analytic = estimate(args, layout, training, pp_rank=0)
+        reported = estimate(args, layout, training)
+    else:
+        built = reported = estimate(args, layout, training, units=units)
+        analytic = estimate(args, layout, training)
+    fits = reported.fits(device)
+    base = replace(training, local_batch_size=max(1, training.local_batch_size // layout.pp))
     return {
         "device_gib": device / GIB,
         "device_source": source,
         "fits": fits,
-        "fitting_layout": None if fits else fitting_layout(args, training, device),
-        "estimate": built.figures(),
-        "analytic": estimate(args, layout, training).figures(),
+        "fitting_layout": None if fits else fitting_layout(args, base, device),
+        "estimate": reported.figures(),
+        **({"built": built.figures()} if layout.pp > 1 else {}),
+        "analytic": analytic.figures(),
     }
 
 
-def summarize(model, dims: ParallelDims, job: JobConfig, world_size: int) -> dict:
-    units = fsdp_units(model)
+def summarize(parts: list, dims: ParallelDims, job: JobConfig, world_size: int) -> dict:
+    units = [u for part in parts for u in fsdp_units(part)]
     by_kind: dict[str, dict] = defaultdict(lambda: defaultdict(int))
     per_rank: dict[str, dict] = defaultdict(lambda: {"params": 0, "bytes": 0})
     for u in units:
@@ -94,7 +118,7 @@ def summarize(model, dims: ParallelDims, job: JobConfig, world_size: int) -> dic
         storage = "/".join(sorted(str(d).replace("torch.", "") for d in u.storage_dtypes))
         per_rank[storage]["params"] += u.local_numel
         per_rank[storage]["bytes"] += u.local_bytes
-    hca = model.hca_compressors()
+    hca = [c for part in parts for c in part.hca_compressors()]
     groups = {id(c.hca_param_sync_group): c.hca_param_sync_group for c in hca}
     group = next(iter(groups.values())) if len(groups) == 1 else None
     mesh = _fsdp_mesh_description(dims)
@@ -153,11 +177,12 @@ def format_plan(plan: dict) -> str:
 
 def format_memory_plan(memory: dict) -> list[str]:
     """The per-rank memory and traffic tables, the verdict, and the analytic cross-check."""
-    device_gib, built, analytic = memory["device_gib"], memory["estimate"], memory["analytic"]
-    lines = [format_memory(built, int(device_gib * GIB), f"; {memory['device_source']}")]
+    device_gib, reported, analytic = memory["device_gib"], memory["estimate"], memory["analytic"]
+    built = memory.get("built", reported)
+    lines = [format_memory(reported, int(device_gib * GIB), f"; {memory['device_source']}")]
     if not memory["fits"]:
         lines.append(f"  a layout that fits {device_gib:g} GiB: {memory['fitting_layout']}")
-    lines.append(format_traffic(built))
+    lines.append(format_traffic(reported))
     pairs = [
         ("parameters", built["memory_gib"]["parameters"], analytic["memory_gib"]["parameters"]),
         ("largest unit", built["memory_gib"]["largest_unit"], analytic["memory_gib"]["largest_unit"]),
@@ -174,7 +199,8 @@ def format_memory_plan(memory: dict) -> list[str]:
         ),
     ]
     checks = ", ".join(f"{name} {b:.2f} / {a:.2f}" for name, b, a in pairs)
-    lines.append(f"  built plan / analytic estimate (the trainer's check), GiB: {checks}")
+    rank = " (pipeline rank 0)" if "built" in memory else ""
+    lines.append(f"  built plan / analytic estimate{rank} (the trainer's check), GiB: {checks}")
     return lines
 
 

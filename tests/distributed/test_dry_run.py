@@ -1,4 +1,5 @@
-"""Dry runs at scale with Titan's fake backend: Flash and Pro on the meta device, 64 and 256 ranks."""
+"""Dry runs at scale with Titan's fake backend: Flash and Pro on the meta device, 64 and 256 ranks, and the
+pipelined Flash (the shipped config, and a looped schedule whose rank holds two stages)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ CASES = [  # (config, world, dp_replicate)
     ("deepseek_v4_pro.toml", 64, 1),
     ("deepseek_v4_pro.toml", 256, 4),
 ]
+# The shipped configs pipeline; the cases above plan them without PP.
+NO_PIPELINE = ["--parallelism.pipeline_parallel_degree", "1", "--training.local_batch_size", "1"]
+PIPELINED = [  # (world, flags): the shipped Flash config (1F1B, pp 4, EP 64), and Interleaved1F1B (8 stages)
+    (256, []),
+    (256, ["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"]),
+]
 
 
 def _plans(rank, world_size):
@@ -38,12 +45,62 @@ def _plans(rank, world_size):
                 str(replicate),
                 "--parallelism.expert_parallel_degree",  # FSDP alone (the configs default to EP)
                 "1",
+                *NO_PIPELINE,
             ]
         )
         init_fake_mode(world, "fake_backend")
         plans.append(build_plan(job, world))
         dist.destroy_process_group()
     return plans
+
+
+def _pipelined_plans(rank, world_size):
+    import torch.distributed as dist
+    from torchtitan.config import ConfigManager
+    from torchtitan.distributed.utils import init_fake_mode
+
+    from titan_dsv4.dry_run import build_plan
+
+    plans = []
+    for world, flags in PIPELINED:
+        config = str(ROOT / "train_configs" / "deepseek_v4_flash.toml")
+        job = ConfigManager().parse_args(["--job.config_file", config, *flags])
+        init_fake_mode(world, "fake_backend")
+        plans.append(build_plan(job, world))
+        dist.destroy_process_group()
+    return plans
+
+
+@pytest.mark.slow
+def test_pipelined_flash_plans_rank_0s_stages_and_reports_the_worst_rank():
+    """Pipeline rank 0 builds its stages (one, or two under Interleaved1F1B) through the train spec's
+    pipelining_fn; their units give the analytic estimate's figures; the printed plan is the rank with the
+    highest peak, with the pipeline's bubble and p2p bytes."""
+    from titan_dsv4.dry_run import format_plan
+
+    plans = run_on_ranks(_pipelined_plans, 1, backend=None, timeout=300)[0]
+    for (world, flags), plan in zip(PIPELINED, plans):
+        assert plan["world_size"] == world
+        memory = plan["memory"]
+        built, analytic, reported = memory["built"], memory["analytic"], memory["estimate"]
+        for part in ("parameters", "largest_unit", "fsdp_forward", "fsdp_backward", "peak"):
+            assert built["memory_gib"][part] == pytest.approx(analytic["memory_gib"][part], rel=1e-3), part
+        for name, gib in built["communication_gib_per_step"].items():
+            assert gib == pytest.approx(analytic["communication_gib_per_step"][name], rel=1e-3, abs=1e-3)
+        assert (
+            built["pipeline"]["rank"] == 0 and reported["memory_gib"]["peak"] >= built["memory_gib"]["peak"]
+        )
+        pipeline = reported["pipeline"]
+        stages = 8 if flags else 4
+        assert (pipeline["stages"], pipeline["microbatches"]) == (stages, 4)
+        assert pipeline["bubble"] == pytest.approx(3 / (stages // 4 * 4 + 3))  # (pp-1) / (v n + pp - 1)
+        assert reported["communication_gib_per_step"]["p2p"] > 0 and memory["fits"]
+        blocks = plan["units_by_kind"]["block"]["units"]
+        assert blocks == (11 if not flags else 5 + 6)  # rank 0: layers 0-10; stages 0 and 4: 5 + 6 layers
+        assert plan["units_by_kind"]["block"]["reshard_after_forward"] == 0  # kept gathered under PP
+        text = format_plan(plan)
+        assert "pipeline: " in text and "bubble" in text and "pipeline p2p (stage boundaries)" in text
+        assert "built plan / analytic estimate (pipeline rank 0)" in text
 
 
 @pytest.mark.slow
@@ -84,7 +141,7 @@ def test_flash_and_pro_plans_at_64_and_256_ranks():
 
 @pytest.mark.slow
 def test_launcher_dry_run_prints_the_plan(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "COMM_MODE": "fake_backend", "NGPU": "128"}
+    env = {**os.environ, "PYTHON": sys.executable, "COMM_MODE": "fake_backend", "NGPU": "256"}
     proc = subprocess.run(
         [
             "./run_train.sh",
@@ -102,10 +159,13 @@ def test_launcher_dry_run_prints_the_plan(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "DeepSeek-V4 'flash' FSDP unit plan on 128 ranks" in proc.stdout  # the config's own layout: EP 128
-    assert "HCA alignment: enabled, group size 128" in proc.stdout
+    # the config's own layout: pp 4 x dp_shard 64, EP 64; this process is pipeline rank 0
+    assert "DeepSeek-V4 'flash' FSDP unit plan on 256 ranks" in proc.stdout
+    assert "HCA alignment: enabled, group size 64" in proc.stdout
     for table in ("per-rank memory, GiB", "per-rank communication per step, GiB", "built plan / analytic"):
         assert table in proc.stdout
+    assert "pipeline: 1F1B, 4 stages, 4 microbatches of 1; rank 3 holds stage 3" in proc.stdout
+    assert "bubble 42.9%" in proc.stdout and "pipeline p2p (stage boundaries)" in proc.stdout
     assert "the dry run's default; set --deepseek_v4.gpu_memory_gib" in proc.stdout  # 80 GiB unless set
-    plan = json.loads((tmp_path / "unit_plan_flash_128.json").read_text())
-    assert {"estimate", "analytic", "fits", "device_gib"} <= set(plan["memory"])
+    plan = json.loads((tmp_path / "unit_plan_flash_256.json").read_text())
+    assert {"estimate", "built", "analytic", "fits", "device_gib"} <= set(plan["memory"])

@@ -18,25 +18,32 @@ gathered and sends (n-1)/n of what is reduced): all-gathers (forward, and again 
 units), reduce-scatters of every gradient in the reduce dtype, HSDP's all-reduce of the shards across
 replicas, and under EP the all-to-all dispatch and combine of every MoE layer (forward, backward, recompute).
 
-Modules, by concern: ``layout`` (Layout, Training, the experts' shard-dim rule ``parallelize`` shares),
-``units`` (FSDP units from the shapes ``model.accounting`` counts, or from the built model through
-``infra.unit_plan``, the one reader of FSDP2's state), ``activations``, ``estimate`` (the named terms and
-their sums), ``search`` (the layouts that fit), ``refusal`` (the device, probed in one place, and the
-trainer's check), ``report`` (text tables).
+Modules, by concern: ``layout`` (Layout, Training, Pipeline, the experts' shard-dim rule ``parallelize``
+shares), ``units`` (FSDP units from the shapes ``model.accounting`` counts, or from the built model through
+``infra.unit_plan``, the one reader of FSDP2's state), ``activations``, ``stages`` (pipeline stages, in-flight
+microbatches, bubble, what crosses a stage boundary), ``estimate`` (the named terms and their sums),
+``search`` (the layouts that fit, the layout to recommend), ``refusal`` (the device, probed in one place, and
+the trainer's check), ``report`` (text tables).
 
 Context parallelism is a term of each concern: ``Layout.fsdp`` and ``efsdp`` count cp (Titan's meshes); a CP
 rank holds ``Training.local_tokens`` = tokens / cp, while what a query sees (entries, picks) still spans
 seq_len, and a block also saves the gathered entries and its halo (``activations.cp_exchange_saved``); the
 exchanges are ``Estimate.collectives["cp_exchange"]``; the search tries every cp that splits seq_len.
-Where pipeline parallelism goes (``Layout.pp`` exists; ``estimate`` refuses it until its terms do):
-  * PP: a stage holds its layers' units only: select them from ``analytic_units`` / ``built_units`` before
-    the sums (the memory terms then follow); activations count the microbatches in flight per stage; the
-    stage-to-stage sends are one more entry of ``Estimate.collectives``.
+
+Pipeline parallelism too (``estimate.pipeline_estimate``): a rank holds its stages' units only
+(``analytic_units(..., modules=)``, the stage split of ``infra.pipeline``); its activations are its stages'
+per microbatch times the microbatches the schedule keeps in flight (``stages.in_flight``); FSDP keeps its
+units gathered across the microbatches (Titan's default under PP) and their unsharded gradients, in the
+reduce dtype, until the step's one reduce-scatter; the stage-to-stage sends are
+``Estimate.collectives["p2p"]``; the figures are the worst pipeline rank's (each collective at its busiest
+rank); the search tries pp with 1F1B and Interleaved1F1B. Without a data-parallel mesh a pipeline computes in
+the storage dtype (Titan turns mixed precision off). Pipeline with context parallelism is refused, as the
+trainer refuses it.
 """
 
 from .activations import Activations, BlockActivations, activation_estimate, running_mtp_layers
 from .estimate import RESERVED_FRACTION, Estimate, estimate, usable_bytes
-from .layout import GIB, Layout, Training, experts_shard_dim, experts_shardable
+from .layout import GIB, Layout, Pipeline, Training, experts_shard_dim, experts_shardable
 from .refusal import (
     DRY_RUN_GPU_MEMORY_GIB,
     device_memory,
@@ -47,29 +54,38 @@ from .refusal import (
 from .report import format_memory, format_traffic
 from .search import (
     GPUS_PER_NODE,
+    MAX_SEARCH_PP,
     MAX_SEARCH_WORLD,
     candidate_layouts,
     context_parallel_degrees,
     fits,
     fitting_layout,
+    pipeline_degrees,
+    pipeline_training,
+    recommended_layouts,
     smallest_layouts,
 )
+from .stages import PipelinePlan, bubble_fraction, in_flight
 from .units import Unit, analytic_units, built_mtp_layers, built_units, padded_shard
 
 __all__ = [
     "DRY_RUN_GPU_MEMORY_GIB",
     "GIB",
     "GPUS_PER_NODE",
+    "MAX_SEARCH_PP",
     "MAX_SEARCH_WORLD",
     "RESERVED_FRACTION",
     "Activations",
     "BlockActivations",
     "Estimate",
     "Layout",
+    "Pipeline",
+    "PipelinePlan",
     "Training",
     "Unit",
     "activation_estimate",
     "analytic_units",
+    "bubble_fraction",
     "built_mtp_layers",
     "built_units",
     "candidate_layouts",
@@ -84,7 +100,11 @@ __all__ = [
     "format_memory",
     "format_traffic",
     "host_memory_bytes",
+    "in_flight",
     "padded_shard",
+    "pipeline_degrees",
+    "pipeline_training",
+    "recommended_layouts",
     "refuse_layout_that_cannot_fit",
     "running_mtp_layers",
     "smallest_layouts",

@@ -212,10 +212,18 @@ def running_mtp_layers(a: DeepSeekV4ModelArgs, mtp_layers: int | None = None) ->
 
 
 def activation_estimate(
-    a: DeepSeekV4ModelArgs, training: Training, mtp_layers: int | None = None
+    a: DeepSeekV4ModelArgs,
+    training: Training,
+    mtp_layers: int | None = None,
+    modules: tuple[str, ...] | None = None,
 ) -> Activations:
-    """Activation memory of one microbatch under the AC mode (the model: see the module docstring)."""
-    m = running_mtp_layers(a, mtp_layers)
+    """Activation memory of one microbatch under the AC mode (the model: see the module docstring).
+
+    ``modules``: a pipeline stage's module names; its blocks only, and the heads, MTP depths and loss on
+    the stage that holds lm_head.
+    """
+    head = modules is None or "lm_head" in modules
+    m = running_mtp_layers(a, mtp_layers) if head else 0
     # Under CP a rank holds T = tokens / cp; what a query sees (entries, picks) still spans the whole S.
     S, c, T = training.seq_len, training.compute_bytes, training.local_tokens
     n, D, f = a.hc_mult, a.dim, FP32
@@ -232,15 +240,16 @@ def activation_estimate(
             backward=T * (2 * n * D * c + 2 * _largest_tensor_bytes(a, ratio, S, c)),
         )
 
-    blocks = [block(sum(block_activation_terms(a, r, S, c).values()), r, n * D) for r in a.compress_ratios]
+    ratios = [r for i, r in enumerate(a.compress_ratios) if modules is None or f"layers.{i}" in modules]
+    blocks = [block(sum(block_activation_terms(a, r, S, c).values()), r, n * D) for r in ratios]
     depth = sum(mtp_depth_terms(a, S, c).values())
     blocks += [block(depth, 0, (n + 1) * D, (n + 1) * D * c) for _ in range(m)]
-    outside = int(T * (sum(head_activation_terms(a, c).values()) + m * (D + a.vocab_size) * f))
+    outside = int(T * (sum(head_activation_terms(a, c).values()) + m * (D + a.vocab_size) * f)) if head else 0
     body, recomputed = _blocks_under_ac(training, blocks)
     backward = [b.backward + (b.saved if i in recomputed else 0) for i, b in enumerate(blocks)]
     # One lm_head call yields every head's fp32 logits: forward holds them (plus a flattened copy) while the
     # losses run; backward holds their gradients and the gradient of the concatenated call.
-    loss = 2 * (1 + m) * T * a.vocab_size * f
+    loss = 2 * (1 + m) * T * a.vocab_size * f if head else 0
     return Activations(int(body) + outside, int(max(backward + [loss])), tuple(blocks), outside)
 
 

@@ -16,6 +16,7 @@ from .activations import (
     running_mtp_layers,
 )
 from .layout import GIB, Layout, Training
+from .stages import SINGLE_STAGE_SCHEDULES, PipelinePlan, boundary_bytes, boundary_kept_bytes
 from .units import Unit, analytic_units
 
 # Kept free on every device: CUDA context, NCCL buffers and the caching allocator's fragmentation.
@@ -46,6 +47,28 @@ class Estimate:
     collectives: dict[str, float]  # bytes per step by collective, in the order the tables print them
     mtp_layers: int  # MTP depths included
     mtp_from_shapes: bool  # MTP units counted from shapes (the built model has none yet)
+    pipeline: PipelineFigures | None = None  # pp > 1: the schedule, the rank reported, its stages
+
+    @property
+    def tokens_per_rank(self) -> float:
+        """Tokens per step per rank: the step's tokens (every batch rank's local batch) over the world."""
+        t = self.training
+        return t.seq_len * t.local_batch_size * self.layout.batch_ranks / self.layout.world
+
+    @property
+    def traffic_per_token(self) -> float:
+        """Bytes per rank per step over the tokens per rank per step (every collective, p2p included)."""
+        return self.traffic / self.tokens_per_rank
+
+    def launch(self) -> str:
+        """How to ask for this layout (``Layout.launch``, with a pipeline's schedule and local batch)."""
+        more = ""
+        if self.layout.pp > 1:
+            more = (
+                f" --parallelism.pipeline_parallel_schedule {self.training.pipeline.schedule} "
+                f"--training.local_batch_size {self.training.local_batch_size}"
+            )
+        return self.layout.launch() + more
 
     @property
     def memory_terms(self) -> dict[str, int]:
@@ -77,7 +100,9 @@ class Estimate:
     def figures(self) -> dict:
         """The estimate as JSON (GiB), what ``format_memory`` and ``format_traffic`` print."""
         gib = lambda b: round(b / GIB, 3)
+        pipeline = {} if self.pipeline is None else {"pipeline": asdict(self.pipeline)}
         return {
+            **pipeline,
             "layout": {**asdict(self.layout), "world": self.layout.world, "describe": self.layout.describe()},
             "training": {**asdict(self.training), "describe": self.training.describe()},
             "mtp_layers": self.mtp_layers,
@@ -107,19 +132,25 @@ def estimate(
     units: list[Unit] | None = None,
     mtp_layers: int | None = None,
     activations: Activations | None = None,
+    pp_rank: int | None = None,
+    cache: dict | None = None,
 ) -> Estimate:
     """One rank's peak memory and per-step traffic; ``units`` from ``built_units`` replace the analytic ones.
 
     Built units without MTP get the MTP depths' units from the shapes, so figures always include MTP.
+    Under pipeline parallelism: the pipeline rank with the highest peak (or ``pp_rank``, whose stages
+    ``units`` then are), each collective at its busiest pipeline rank (``pipeline_estimate``).
     """
     refuse_unmodelled_parallelism(layout)
-    training = replace(training, cp=layout.cp)  # the layout's cp decides how much of a row a rank holds
+    training = training.on(layout)  # the layout's cp, FSDP's resharding, a pipeline's compute dtype
     mtp_layers = a.mtp_layers if mtp_layers is None else mtp_layers
+    if layout.pp > 1:
+        return pipeline_estimate(a, layout, training, units, mtp_layers, pp_rank, cache)
     units, from_shapes = _with_mtp_units(a, layout, training, units, mtp_layers)
     acts = activations or activation_estimate(a, training, mtp_layers)
     local = 0 if training.cpu_offload else sum(u.local_numel * u.storage_bytes for u in units)
     largest = max(units, key=lambda u: u.unsharded_bytes)
-    kept, forward, backward = fsdp_unsharded(units) if layout.world > 1 else (0, 0, 0)
+    kept, forward, backward = fsdp_unsharded(units) if layout.data_parallel else (0, 0, 0)
     return Estimate(
         layout=layout,
         training=training,
@@ -144,12 +175,146 @@ def estimate(
 
 
 def refuse_unmodelled_parallelism(layout: Layout) -> None:
-    """No figure for pipeline parallelism until its terms exist (the package docstring)."""
-    if layout.pp > 1 and False:  # TODO(pp): the planner's pipeline terms
+    """What the trainer does not build has no figure: pipeline with context parallelism (``infra.pipeline``
+    refuses it in this version)."""
+    if layout.pp > 1 and layout.cp > 1:
         raise ConfigError(
-            f"the memory planner does not model pipeline parallelism yet ({layout.describe()}); "
-            "plan with --parallelism.pipeline_parallel_degree 1"
+            f"pipeline parallelism with context parallelism is not implemented ({layout.describe()}): plan "
+            "with --parallelism.context_parallel_degree 1 or --parallelism.pipeline_parallel_degree 1"
         )
+
+
+@dataclass(frozen=True)
+class PipelineFigures:
+    """A pipelined estimate's schedule, and the pipeline rank whose memory it reports."""
+
+    schedule: str
+    stages: int
+    stages_per_rank: int
+    microbatches: int
+    microbatch_size: int
+    bubble: float
+    rank: int  # the pipeline rank reported (the highest peak)
+    rank_stages: str  # its stages, described
+    in_flight: tuple[int, ...]  # microbatches kept per local stage (at most ``in_flight_total`` together)
+    in_flight_total: int
+    fsdp_accumulated_gradients: int  # bytes: unsharded gradients held from a unit's first backward to the
+    # step's reduce-scatter
+
+
+def pipeline_estimate(
+    a: DeepSeekV4ModelArgs,
+    layout: Layout,
+    training: Training,
+    units: list[Unit] | None,
+    mtp_layers: int,
+    pp_rank: int | None = None,
+    cache: dict | None = None,
+) -> Estimate:
+    """The worst pipeline rank's memory, and each collective at its busiest rank, as sums over the stages a
+    rank holds.
+
+    Per rank: the parameters, gradients and AdamW state of its stages' units (sharded over its dp_shard x cp
+    ranks); the activations of the microbatches it keeps in flight (``stages.in_flight``) stage by stage
+    (each stage's saved bytes per microbatch, and what crosses its boundary), the worst moment on top once;
+    FSDP: units left gathered across the microbatches (Titan does not reshard after forward under PP), and
+    every unit's unsharded gradient in the reduce dtype from its first microbatch's backward to the step's
+    end (torch's pipeline stage backpropagates with ``set_requires_gradient_sync(False)`` and
+    reduce-scatters once, in ``perform_reduce_grad``); traffic: one all-gather per unit per step for units
+    kept gathered (resharded ones: ``fsdp_traffic``), one reduce-scatter per unit per step, the all-to-all
+    of its MoE layers for every microbatch, and the stage-boundary sends.
+    """
+    if units is not None and pp_rank is None:
+        raise ValueError("built units are one pipeline rank's: name it (pp_rank)")
+    plan = PipelinePlan.of(a, layout.pp, training)
+    micro = replace(training, local_batch_size=plan.microbatch_size)
+    # One microbatch's activations per stage index: the same for every dp_shard and ep (``cache``: shared by
+    # a search's estimates of one model).
+    acts = ({} if cache is None else cache).setdefault((micro, mtp_layers, plan.stages), {})
+    ranks = range(layout.pp) if pp_rank is None else [pp_rank]
+    per_rank = [_pipeline_rank(a, layout, training, micro, plan, r, units, mtp_layers, acts) for r in ranks]
+    worst = max(per_rank, key=lambda e: e.peak)
+    busiest = {name: max(e.collectives[name] for e in per_rank) for name in worst.collectives}
+    return replace(worst, collectives=busiest)
+
+
+def _pipeline_rank(
+    a: DeepSeekV4ModelArgs,
+    layout: Layout,
+    training: Training,
+    micro: Training,
+    plan: PipelinePlan,
+    rank: int,
+    built: list[Unit] | None,
+    mtp_layers: int,
+    acts: dict[int, Activations],
+) -> Estimate:
+    stages = plan.rank_stages(rank)
+    last = plan.n_stages - 1
+    holds_last = last in stages
+    if built is None:
+        units = [u for s in stages for u in analytic_units(a, layout, training, mtp_layers, plan.stages[s])]
+        from_shapes = False
+    else:
+        units, from_shapes = _with_mtp_units(a, layout, training, built, mtp_layers if holds_last else 0)
+    for s in stages:
+        if s not in acts:
+            acts[s] = activation_estimate(a, micro, mtp_layers, plan.stages[s])
+    kept_per_microbatch = [
+        acts[s].saved + boundary_kept_bytes(a, micro, mtp_layers, first=s == 0, last=s == last)
+        for s in stages
+    ]
+    per_stage, total = plan.in_flight(rank)
+    saved = min(total * max(kept_per_microbatch), sum(n * k for n, k in zip(per_stage, kept_per_microbatch)))
+    activations = Activations(
+        saved=saved,
+        transient=max(acts[s].transient for s in stages),
+        blocks=tuple(b for s in stages for b in acts[s].blocks),
+        outside=sum(acts[s].outside for s in stages),
+    )
+    local = 0 if training.cpu_offload else sum(u.local_numel * u.storage_bytes for u in units)
+    largest = max(units, key=lambda u: u.unsharded_bytes)
+    kept = forward = backward = accumulated = 0
+    if layout.data_parallel:
+        kept, forward, backward = fsdp_unsharded(units)
+        accumulated = sum(u.gathered_numel * u.reduce_bytes for u in units)
+        backward += accumulated
+    layers = [i for s in stages for i in plan.layers(s)]
+    moe_units = len(layers) + (running_mtp_layers(a, mtp_layers) if holds_last else 0)
+    return Estimate(
+        layout=layout,
+        training=training,
+        parameters=local,
+        gradients=local,
+        optimizer=2 * local,
+        buffers=stage_buffer_bytes(a, training.seq_len, layers, mtp_layers if holds_last else 0, len(stages)),
+        kept_unsharded=kept,
+        fsdp_forward=forward,
+        fsdp_backward=backward,
+        largest_unit=f"{largest.name}, {_DTYPE_NAMES.get(largest.compute_bytes, '?')}",
+        largest_unit_bytes=largest.unsharded_bytes,
+        activations=activations,
+        collectives={
+            **fsdp_traffic(units, training, pipelined=True),
+            "all_to_all": all_to_all_bytes(a, layout, training, mtp_layers, moe_units),
+            "p2p": float(plan.p2p_sent(rank, *boundary_bytes(a, micro, mtp_layers))),
+        },
+        mtp_layers=mtp_layers,
+        mtp_from_shapes=from_shapes,
+        pipeline=PipelineFigures(
+            schedule=plan.schedule,
+            stages=plan.n_stages,
+            stages_per_rank=plan.stages_per_rank,
+            microbatches=plan.microbatches,
+            microbatch_size=plan.microbatch_size,
+            bubble=plan.bubble,
+            rank=rank,
+            rank_stages=plan.describe(rank),
+            in_flight=per_stage,
+            in_flight_total=total,
+            fsdp_accumulated_gradients=accumulated,
+        ),
+    )
 
 
 def _with_mtp_units(
@@ -179,25 +344,38 @@ def fsdp_unsharded(units: list[Unit]) -> tuple[int, int, int]:
     return kept, kept + pair, kept + pair + grad_and_buffer
 
 
-def fsdp_traffic(units: list[Unit], training: Training) -> dict[str, float]:
-    """Per rank per step: bytes all-gathered, reduce-scattered, and all-reduced across HSDP replicas."""
+def fsdp_traffic(units: list[Unit], training: Training, pipelined: bool = False) -> dict[str, float]:
+    """Per rank per step: bytes all-gathered, reduce-scattered, and all-reduced across HSDP replicas.
+
+    A resharded unit is gathered in forward and again in backward. ``pipelined`` (torch's stage keeps units
+    gathered after each microbatch's backward): a unit kept gathered once per step; a resharded one before
+    every forward that follows a forward and every backward that follows a forward: n + 1 times for n
+    microbatches under 1F1B and GPipe (one stage per rank), at most 2 n under the looped schedules.
+    """
+    gathers = 2
+    if pipelined:
+        n = training.pipeline_microbatches
+        gathers = n + 1 if training.pipeline.schedule in SINGLE_STAGE_SCHEDULES else 2 * n
     ag = rs = ar = 0.0
     for u in units:
         if u.shard_ranks * u.replicate_ranks == 1:
             continue
         others = u.local_numel * (u.shard_ranks - 1)  # padded shards from (or to) the other ranks
-        ag += others * u.compute_bytes * (2 if u.resharded else 1)
+        ag += others * u.compute_bytes * (gathers if u.resharded else 1)
         rs += others * u.reduce_bytes
         ar += u.local_numel * u.reduce_bytes * 2 * (u.replicate_ranks - 1) / u.replicate_ranks
     m = training.microbatches
     return {"all_gather": ag * m, "reduce_scatter": rs * m, "all_reduce": ar * m}
 
 
-def all_to_all_bytes(a: DeepSeekV4ModelArgs, layout: Layout, training: Training, mtp_layers: int) -> float:
+def all_to_all_bytes(
+    a: DeepSeekV4ModelArgs, layout: Layout, training: Training, mtp_layers: int, moe_units: int | None = None
+) -> float:
     """Per rank per step under EP: each MoE layer's dispatch and combine of top_k copies of every token.
 
     Uniform routing sends (ep-1)/ep of the copies off the rank; forward, backward, and again for the units
-    AC recomputes (op-level SAC does not save all-to-all outputs).
+    AC recomputes (op-level SAC does not save all-to-all outputs). ``moe_units``: the MoE layers and MTP
+    depths a rank runs (a pipeline rank's stages; default: all of them).
     """
     if layout.ep <= 1:
         return 0.0
@@ -209,7 +387,7 @@ def all_to_all_bytes(a: DeepSeekV4ModelArgs, layout: Layout, training: Training,
         * (layout.ep - 1)
         / layout.ep
     )
-    units = len(a.compress_ratios) + running_mtp_layers(a, mtp_layers)
+    units = len(a.compress_ratios) + running_mtp_layers(a, mtp_layers) if moe_units is None else moe_units
     # Forward and backward of every MoE layer, and forward again for each unit AC recomputes.
     passes = 2 * units + recomputed_units(training, units)
     return 2 * copies * passes * training.microbatches
@@ -225,6 +403,16 @@ def cp_exchange_bytes(a: DeepSeekV4ModelArgs, training: Training, mtp_layers: in
     halos = sum(cp_halo_bytes(a, r, training) for r in ratios)
     passes = 2 + recomputed_units(training, len(ratios)) / max(1, len(ratios))
     return B * (gathers + halos) * passes * training.microbatches
+
+
+def stage_buffer_bytes(
+    a: DeepSeekV4ModelArgs, seq_len: int, layers: list[int], mtp_layers: int, parts: int
+) -> int:
+    """``buffer_bytes`` of a pipeline rank: the hash tables of its hash layers, expert bias and loads of its
+    MoE layers, and rotary tables on each of its ``parts`` (every stage holds them)."""
+    E, hash_layers = a.moe_args.num_experts, sum(1 for i in layers if i < a.n_hash_layers)
+    hash_tables = hash_layers * a.vocab_size * a.moe_args.top_k * 8
+    return hash_tables + (len(layers) + mtp_layers) * 2 * E * 4 + parts * 4 * seq_len * a.rope_head_dim * 2
 
 
 def buffer_bytes(a: DeepSeekV4ModelArgs, seq_len: int) -> int:

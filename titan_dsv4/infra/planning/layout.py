@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 from titan_dsv4.model.args import DeepSeekV4ModelArgs
 
@@ -14,10 +15,10 @@ FP32 = 4
 @dataclass(frozen=True)
 class Layout:
     """How the ranks split the model, as Titan's ``ParallelDims`` does: world = dp_replicate x dp_shard x cp
-    x pp; FSDP shards over dp_shard x cp; EP borrows ep of those ranks.
+    x pp; FSDP shards over dp_shard x cp (within one pipeline rank's slice); EP borrows ep of those ranks.
 
-    cp is modelled (each rank holds seq_len / cp tokens; ``Training.cp``); pp is here so that its terms can
-    be added (see the package docstring); the estimate refuses it until it models it.
+    cp: each rank holds seq_len / cp tokens (``Training.cp``). pp: each rank holds its pipeline stages only
+    (``stages.py``), the ranks of one stage sharding it over their dp_shard x cp.
     """
 
     dp_replicate: int
@@ -44,6 +45,12 @@ class Layout:
     def efsdp(self) -> int:
         """The ranks FSDP shards one EP rank's experts over (Titan's 'efsdp' mesh)."""
         return self.fsdp // self.ep
+
+    @property
+    def data_parallel(self) -> bool:
+        """Whether FSDP shards over a data-parallel mesh (``parallelize.data_parallel_mesh``): without one a
+        pipeline computes in the storage dtype (Titan turns mixed precision off under PP without FSDP)."""
+        return self.fsdp > 1 or self.dp_replicate > 1
 
     @property
     def fsdp_mesh_shape(self) -> tuple[int, int]:
@@ -88,6 +95,47 @@ def experts_shardable(a: DeepSeekV4ModelArgs, layout: Layout) -> bool:
 
 
 @dataclass(frozen=True)
+class Pipeline:
+    """How a pipelined step runs: Titan's ``parallelism.pipeline_parallel_*`` keys (unused when pp is 1)."""
+
+    schedule: str = "1F1B"
+    microbatch_size: int = 1
+    layers_per_stage: int | None = None
+    first_stage_less_layers: int = 1
+    last_stage_less_layers: int = 1
+    module_fqns: tuple[tuple[str, ...], ...] | None = None  # module_fqns_per_model_part
+
+    @classmethod
+    def of(cls, parallelism) -> Pipeline:
+        p = parallelism
+        fqns = p.module_fqns_per_model_part
+        return cls(
+            schedule=p.pipeline_parallel_schedule,
+            microbatch_size=p.pipeline_parallel_microbatch_size,
+            layers_per_stage=p.pipeline_parallel_layers_per_stage,
+            first_stage_less_layers=p.pipeline_parallel_first_stage_less_layers,
+            last_stage_less_layers=p.pipeline_parallel_last_stage_less_layers,
+            module_fqns=None if fqns is None else tuple(tuple(names) for names in fqns),
+        )
+
+    def job_config(self, pp: int) -> SimpleNamespace:
+        """The keys ``infra.pipeline`` reads (``stage_module_names``, ``stages_per_rank``) for pp ranks."""
+        return SimpleNamespace(
+            parallelism=SimpleNamespace(
+                pipeline_parallel_degree=pp,
+                pipeline_parallel_schedule=self.schedule,
+                pipeline_parallel_microbatch_size=self.microbatch_size,
+                pipeline_parallel_layers_per_stage=self.layers_per_stage,
+                pipeline_parallel_first_stage_less_layers=self.first_stage_less_layers,
+                pipeline_parallel_last_stage_less_layers=self.last_stage_less_layers,
+                module_fqns_per_model_part=None
+                if self.module_fqns is None
+                else [list(names) for names in self.module_fqns],
+            )
+        )
+
+
+@dataclass(frozen=True)
 class Training:
     """The step's shape and precision: what activations and collectives scale with."""
 
@@ -99,11 +147,27 @@ class Training:
     ac_mode: str = "full"
     selective_ac_option: str = "op"
     memory_budget: float = 0.5
-    reshard_after_forward: bool = True
+    reshard_after_forward: bool | None = None  # None: Titan's "default", resharded unless pipelined
     microbatches: int = 1  # gradient accumulation steps
     cpu_offload: bool = False
     cp: int = 1  # context parallelism: a rank holds seq_len / cp tokens of each row
     cp_chunks_per_rank: int = 2  # Titan's head-tail load balancer (1: contiguous shards)
+    pipeline: Pipeline = Pipeline()  # pipeline parallelism: the schedule and its microbatches
+
+    def on(self, layout: Layout) -> Training:
+        """The step as this layout runs it: a cp rank's share of each row; FSDP's "default" resharding
+        resolved (``parallelize.reshard_after_forward``: not under PP); without a data-parallel mesh a
+        pipeline computes in the storage dtype (Titan's ``maybe_enable_amp``: mixed precision under PP only
+        through FSDP)."""
+        reshard = layout.pp == 1 if self.reshard_after_forward is None else self.reshard_after_forward
+        fp32_pipeline = layout.pp > 1 and not layout.data_parallel
+        compute = self.storage_dtype if fp32_pipeline else self.compute_dtype
+        return replace(self, cp=layout.cp, reshard_after_forward=reshard, compute_dtype=compute)
+
+    @property
+    def pipeline_microbatches(self) -> int:
+        """The microbatches a pipeline cuts the local batch into."""
+        return max(1, self.local_batch_size // self.pipeline.microbatch_size)
 
     @property
     def tokens(self) -> int:
@@ -134,11 +198,12 @@ class Training:
             ac_mode=ac.mode,
             selective_ac_option=str(ac.selective_ac_option),
             memory_budget=ac.memory_budget,
-            reshard_after_forward=policy != "never",  # "default" reshards without pipeline parallelism
+            reshard_after_forward={"always": True, "never": False}.get(policy),  # None: resolved by ``on``
             microbatches=max(1, t.global_batch_size // per_step) if t.global_batch_size > 0 else 1,
             cpu_offload=t.enable_cpu_offload,
             cp=layout.cp,
             cp_chunks_per_rank=1 if job_config.parallelism.context_parallel_load_balancer is None else 2,
+            pipeline=Pipeline.of(job_config.parallelism),
         )
 
     def describe(self) -> str:

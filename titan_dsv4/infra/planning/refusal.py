@@ -4,6 +4,7 @@ cannot fit it."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 from torchtitan.tools.logging import logger
@@ -74,13 +75,17 @@ def refuse_layout_that_cannot_fit(
     if found.fits(device_bytes):
         logger.info(
             f"Memory plan: one rank peaks at about {found.peak / GIB:.1f} GiB of {device_bytes / GIB:.1f} "
-            f"GiB ({source}); {layout.describe()}, {training.describe()}"
+            f"GiB ({source}); {layout.describe()}, {found.training.describe()}"
         )
         return found
-    raise ConfigError(_refusal(model_args, job_config.model.flavor, found, device_bytes, source))
+    # The search's step: the job's rows per rank (a pipeline's local batch is pp ranks' worth of rows).
+    per_rank = replace(training, local_batch_size=max(1, training.local_batch_size // layout.pp))
+    raise ConfigError(_refusal(model_args, job_config.model.flavor, found, device_bytes, source, per_rank))
 
 
-def _refusal(a: DeepSeekV4ModelArgs, flavor: str, found: Estimate, device_bytes: int, source: str) -> str:
+def _refusal(
+    a: DeepSeekV4ModelArgs, flavor: str, found: Estimate, device_bytes: int, source: str, training: Training
+) -> str:
     """The figures against the device, a layout that fits, and how to check one without allocating."""
     gib = device_bytes / GIB
     lines = [
@@ -88,7 +93,7 @@ def _refusal(a: DeepSeekV4ModelArgs, flavor: str, found: Estimate, device_bytes:
         f"peak, the device has {gib:,.1f} GiB ({source}; {usable_bytes(device_bytes) / GIB:,.1f} GiB usable "
         f"after a {RESERVED_FRACTION:.0%} reserve).",
         format_memory(found.figures(), device_bytes),
-        f"  A layout that fits {gib:,.1f} GiB: {fitting_layout(a, found.training, device_bytes)}.",
+        f"  A layout that fits {gib:,.1f} GiB: {fitting_layout(a, training, device_bytes)}.",
         "  Check a layout without allocating: COMM_MODE=fake_backend NGPU=<GPUs> ./run_train.sh --model "
         "deepseek_v4 --config <toml> [--parallelism.expert_parallel_degree <ep>] "
         f"--deepseek_v4.gpu_memory_gib {gib:.0f}",

@@ -17,6 +17,8 @@ def format_memory(figures: dict, device_bytes: int | None = None, device_note: s
     mtp += " (from shapes: not in the built model)" if figures["mtp_from_shapes"] else ""
     storage = t["storage_dtype"]
     lines = [f"  per-rank memory, GiB ({figures['layout']['describe']}; {t['describe']}{mtp}):"]
+    if "pipeline" in figures:
+        lines.append(_pipeline_line(figures["pipeline"]))
     lines += _rows(
         [
             (f"parameters ({storage} shards)", m["parameters"], ""),
@@ -25,7 +27,7 @@ def format_memory(figures: dict, device_bytes: int | None = None, device_note: s
             ("buffers", m["buffers"], "hash tables, rotary tables, expert loads"),
             ("largest unsharded unit", m["largest_unit"], m["largest_unit_name"]),
             ("FSDP unsharded, forward", m["fsdp_forward"], "kept units + largest unit + prefetch"),
-            ("FSDP unsharded, backward", m["fsdp_backward"], "+ its gradient and reduce-scatter buffer"),
+            ("FSDP unsharded, backward", m["fsdp_backward"], _backward_note(figures)),
             ("activations kept for backward", m["activations_saved"], ""),
             ("activations on top, worst moment", m["activations_transient"], ""),
             ("peak", m["peak"], ""),
@@ -38,6 +40,24 @@ def format_memory(figures: dict, device_bytes: int | None = None, device_note: s
     return "\n".join(lines)
 
 
+def _pipeline_line(p: dict) -> str:
+    in_flight = " + ".join(str(n) for n in p["in_flight"])
+    if len(p["in_flight"]) > 1:
+        in_flight += f" (at most {p['in_flight_total']} together)"
+    return (
+        f"    pipeline: {p['rank_stages']} (the highest peak); microbatches in flight {in_flight}; "
+        f"bubble {p['bubble']:.1%}"
+    )
+
+
+def _backward_note(figures: dict) -> str:
+    note = "+ its gradient and reduce-scatter buffer"
+    if "pipeline" in figures:
+        held = figures["pipeline"]["fsdp_accumulated_gradients"] / GIB
+        note += f"; {held:.2f} of gradients held to the step's end"
+    return note
+
+
 # Each collective of ``Estimate.collectives``: its label and note (a new traffic term adds its row here).
 _COLLECTIVE_ROWS = {
     "all_gather": ("all-gather (forward + backward)", ""),
@@ -45,6 +65,7 @@ _COLLECTIVE_ROWS = {
     "all_reduce": ("all-reduce (HSDP replicas)", ""),
     "all_to_all": ("all-to-all (EP dispatch + combine)", "forward, backward, AC recompute"),
     "cp_exchange": ("CP exchange (entries + halo)", "all-gather, reduce-scatter, halo sends"),
+    "p2p": ("pipeline p2p (stage boundaries)", "sent: streams, ids, embeddings ahead; gradients back"),
 }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -12,6 +12,7 @@ from titan_dsv4.model.accounting import (
     MTP_PREFIX,
     Shape,
     block_param_shapes,
+    hyper_head_shapes,
     mtp_depth_param_shapes,
     root_param_shapes,
 )
@@ -68,10 +69,21 @@ def padded_shard(shape: Shape, ranks: int, dim: int = 0) -> int:
 
 
 def analytic_units(
-    a: DeepSeekV4ModelArgs, layout: Layout, training: Training, mtp_layers: int | None = None
+    a: DeepSeekV4ModelArgs,
+    layout: Layout,
+    training: Training,
+    mtp_layers: int | None = None,
+    modules: tuple[str, ...] | None = None,
 ) -> list[Unit]:
-    """The FSDP units ``apply_fsdp`` builds for this layout, from the shapes alone (in its order)."""
+    """The FSDP units ``apply_fsdp`` builds for this layout, from the shapes alone (in its order).
+
+    ``modules``: a pipeline stage's module names (``stages.stage_modules``): its layers, its MTP depths (the
+    last stage) and its root (tok_embeddings on the first stage; hc_head, norm, lm_head on the last).
+    """
+    training = training.on(layout)
     mtp_layers = a.mtp_layers if mtp_layers is None else mtp_layers
+    if modules is not None and "mtp" not in modules:
+        mtp_layers = 0
     c, r = training.compute_bytes, DTYPE_BYTES[training.reduce_dtype]
     s = DTYPE_BYTES[training.storage_dtype]
     islands = s == FP32 and c != FP32  # fp32 units are split off only when the blocks compute lower
@@ -110,20 +122,48 @@ def analytic_units(
         if kind not in kinds:
             shapes = mtp_depth_param_shapes(a) if kind == "mtp" else block_param_shapes(a, kind)
             kinds[kind] = block_units("", shapes)
-        return [replace(u, name=prefix + u.name) for u in kinds[kind]]
+        return [Unit(prefix + u.name, *astuple_after_name(u)) for u in kinds[kind]]
 
     units = []
     for i, ratio in enumerate(a.compress_ratios):
-        units += units_of(f"layers.{i}", ratio)
+        if modules is None or f"layers.{i}" in modules:
+            units += units_of(f"layers.{i}", ratio)
     for i in range(mtp_layers):
         units += units_of(f"{MTP_PREFIX}{i}", "mtp")
-    root = root_param_shapes(a)
+    root = root_param_shapes(a) if modules is None else stage_root_shapes(a, modules)
+    if modules is not None:  # a stage's root: its units only when it holds parameters
+        if islands and root["island"]:
+            units.append(unit("<root fp32 islands>", root["island"], FP32, FP32, True))
+        block = root["block"] + ([] if islands else root["island"])
+        return units + ([unit("<root>", block, c, r, False)] if block else [])
     if islands:  # hc_head and lm_head: one fp32 unit, resharded (FSDP2's default for a non-root unit)
         return units + [
             unit("<root fp32 islands>", root["island"], FP32, FP32, True),
             unit("<root>", root["block"], c, r, False),
         ]
     return units + [unit("<root>", root["island"] + root["block"], c, r, False)]
+
+
+def astuple_after_name(u: Unit) -> tuple:
+    """A unit's fields after its name (``dataclasses.replace`` is slow for the search's thousands)."""
+    return (
+        u.local_numel,
+        u.storage_bytes,
+        u.compute_bytes,
+        u.reduce_bytes,
+        u.shard_ranks,
+        u.replicate_ranks,
+        u.resharded,
+    )
+
+
+def stage_root_shapes(a: DeepSeekV4ModelArgs, modules: tuple[str, ...]) -> dict[str, list[Shape]]:
+    """``root_param_shapes`` for a pipeline stage: the embedding on the first stage, the heads on the last."""
+    V, D = a.vocab_size, a.dim
+    island = hyper_head_shapes(a) if "hc_head" in modules else []
+    island += [(V, D)] if "lm_head" in modules else []
+    block = ([(V, D)] if "tok_embeddings" in modules else []) + ([(D,)] if "norm" in modules else [])
+    return {"island": island, "block": block}
 
 
 def built_units(model: nn.Module) -> list[Unit]:
