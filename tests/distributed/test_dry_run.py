@@ -22,9 +22,14 @@ CASES = [  # (config, world, dp_replicate)
 ]
 # The shipped configs pipeline; the cases above plan them without PP.
 NO_PIPELINE = ["--parallelism.pipeline_parallel_degree", "1", "--training.local_batch_size", "1"]
-PIPELINED = [  # (world, flags): the shipped Flash config (1F1B, pp 4, EP 64), and Interleaved1F1B (8 stages)
-    (256, []),
-    (256, ["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"]),
+# Flash at pp 4 x EP 64 on 256 ranks, 4 microbatches: with 1F1B, and Interleaved1F1B (8 stages)
+PP4 = [
+    "--parallelism.pipeline_parallel_degree", "4", "--parallelism.expert_parallel_degree", "64",
+    "--training.local_batch_size", "4",
+]  # fmt: skip
+PIPELINED = [  # (world, flags)
+    (256, PP4),
+    (256, [*PP4, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"]),
 ]
 
 
@@ -91,12 +96,15 @@ def test_pipelined_flash_plans_rank_0s_stages_and_reports_the_worst_rank():
             built["pipeline"]["rank"] == 0 and reported["memory_gib"]["peak"] >= built["memory_gib"]["peak"]
         )
         pipeline = reported["pipeline"]
-        stages = 8 if flags else 4
+        interleaved = "Interleaved1F1B" in flags
+        stages = 8 if interleaved else 4
         assert (pipeline["stages"], pipeline["microbatches"]) == (stages, 4)
         assert pipeline["bubble"] == pytest.approx(3 / (stages // 4 * 4 + 3))  # (pp-1) / (v n + pp - 1)
         assert reported["communication_gib_per_step"]["p2p"] > 0 and memory["fits"]
         blocks = plan["units_by_kind"]["block"]["units"]
-        assert blocks == (11 if not flags else 5 + 6)  # rank 0: layers 0-10; stages 0 and 4: 5 + 6 layers
+        assert blocks == (
+            11 if not interleaved else 5 + 6
+        )  # rank 0: layers 0-10; stages 0 and 4: 5 + 6 layers
         assert plan["units_by_kind"]["block"]["reshard_after_forward"] == 0  # kept gathered under PP
         text = format_plan(plan)
         assert "pipeline: " in text and "bubble" in text and "pipeline p2p (stage boundaries)" in text
@@ -141,7 +149,7 @@ def test_flash_and_pro_plans_at_64_and_256_ranks():
 
 @pytest.mark.slow
 def test_launcher_dry_run_prints_the_plan(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "COMM_MODE": "fake_backend", "NGPU": "256"}
+    env = {**os.environ, "PYTHON": sys.executable, "COMM_MODE": "fake_backend", "NGPU": "176"}
     proc = subprocess.run(
         [
             "./run_train.sh",
@@ -159,13 +167,13 @@ def test_launcher_dry_run_prints_the_plan(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # the config's own layout: pp 4 x dp_shard 64, EP 64; this process is pipeline rank 0
-    assert "DeepSeek-V4 'flash' FSDP unit plan on 256 ranks" in proc.stdout
-    assert "HCA alignment: enabled, group size 64" in proc.stdout
+    # the config's own layout: pp 11 x dp_shard 16, EP 16; this process is pipeline rank 0
+    assert "DeepSeek-V4 'flash' FSDP unit plan on 176 ranks" in proc.stdout
+    assert "HCA alignment: enabled, group size 16" in proc.stdout
     for table in ("per-rank memory, GiB", "per-rank communication per step, GiB", "built plan / analytic"):
         assert table in proc.stdout
-    assert "pipeline: 1F1B, 4 stages, 4 microbatches of 1; rank 3 holds stage 3" in proc.stdout
-    assert "bubble 42.9%" in proc.stdout and "pipeline p2p (stage boundaries)" in proc.stdout
+    assert "pipeline: 1F1B, 11 stages, 44 microbatches of 1; rank 10 holds stage 10" in proc.stdout
+    assert "bubble 18.5%" in proc.stdout and "pipeline p2p (stage boundaries)" in proc.stdout
     assert "the dry run's default; set --deepseek_v4.gpu_memory_gib" in proc.stdout  # 80 GiB unless set
-    plan = json.loads((tmp_path / "unit_plan_flash_256.json").read_text())
+    plan = json.loads((tmp_path / "unit_plan_flash_176.json").read_text())
     assert {"estimate", "built", "analytic", "fits", "device_gib"} <= set(plan["memory"])

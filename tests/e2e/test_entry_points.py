@@ -91,7 +91,18 @@ FLASH = [
     "titan_dsv4/assets/tokenizer",
 ]
 REFUSALS = {
-    "flash_does_not_fit": ([*FLASH, "--parallelism.expert_parallel_degree", "2"], "cannot fit this layout"),
+    "flash_does_not_fit": (  # its pipeline on 2 ranks: pp 2, one row
+        [
+            *FLASH,
+            "--parallelism.pipeline_parallel_degree",
+            "2",
+            "--parallelism.expert_parallel_degree",
+            "1",
+            "--training.local_batch_size",
+            "2",
+        ],
+        "cannot fit this layout",
+    ),
     "bad_flavor": (["--model.flavor", "flassh"], "unknown DeepSeek-V4 flavor 'flassh'"),
     "ep_not_dividing": (["--parallelism.expert_parallel_degree", "3"], "expert_parallel_degree=3"),
     "bad_option": (["--deepseek_v4.attn_impl", "flash"], "deepseek_v4.attn_impl='flash'"),

@@ -152,11 +152,14 @@ def shard_with_fp32_units(
     ignored_params: set[nn.Parameter] | None = None,
     offload_policy: OffloadPolicy | None = None,
     group_islands: bool = True,
+    islands_reshard_after_forward: bool | None = None,
 ) -> None:
     """Shard ``module``'s fp32 islands as fp32 units, then ``module`` itself with ``mp_policy``.
 
     ``group_islands``: one unit for the islands that reshard after forward and one for the holders
     (two fp32 all-gathers per block) instead of one unit per island (up to nine).
+    ``islands_reshard_after_forward``: the islands' policy where it differs from ``module``'s (the root's
+    islands follow the blocks', not the root's).
     """
     common = dict(mesh=mesh, ignored_params=ignored_params, offload_policy=offload_policy)
     if is_deepseek_v4(module) and not computes_in_fp32(module, mp_policy):
@@ -164,7 +167,10 @@ def shard_with_fp32_units(
         holders = [m for m in islands if returns_raw_parameter(m)]
         resharded = [m for m in islands if not returns_raw_parameter(m)]
         policy = fp32_policy(mp_policy)
-        units = [(resharded, reshard_after_forward), (holders, False)]
+        island_policy = reshard_after_forward
+        if islands_reshard_after_forward is not None:
+            island_policy = islands_reshard_after_forward
+        units = [(resharded, island_policy), (holders, False)]
         for group, reshard in units:
             for unit in [group] if group_islands else [[m] for m in group]:
                 shard_unit(unit, mp_policy=policy, reshard_after_forward=reshard, **common)

@@ -319,7 +319,11 @@ def apply_fsdp(
                     shard_placement_fn=lambda p, dim=dim: Shard(dim),
                 )
             shard_with_fp32_units(unit, reshard_after_forward=reshard_after_forward, **common)
-    shard_with_fp32_units(model, reshard_after_forward=None, **common)
+    # The root's islands (hc_head, lm_head) reshard as the blocks do: under PP not at all, so the last stage
+    # does not gather the lm_head again for every microbatch.
+    shard_with_fp32_units(
+        model, reshard_after_forward=None, islands_reshard_after_forward=reshard_after_forward, **common
+    )
     # Titan normalises the loss by the global token count: FSDP must not divide gradients again.
     disable_fsdp_gradient_division(model)
     if uses_gloo(mesh):

@@ -30,7 +30,7 @@ MAX_SEARCH_PP = 16
 MIN_LAYERS_PER_STAGE = 2
 # The recommendation's tie: layouts whose traffic per token is within this of the least count as equal,
 # and the one with the fewest GPUs wins among them.
-TRAFFIC_TIE = 0.01
+TRAFFIC_TIE = 0.05
 
 
 def pipeline_training(training: Training, pp: int, schedule: str) -> Training:

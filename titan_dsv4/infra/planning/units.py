@@ -133,12 +133,12 @@ def analytic_units(
     root = root_param_shapes(a) if modules is None else stage_root_shapes(a, modules)
     if modules is not None:  # a stage's root: its units only when it holds parameters
         if islands and root["island"]:
-            units.append(unit("<root fp32 islands>", root["island"], FP32, FP32, True))
+            units.append(unit("<root fp32 islands>", root["island"], FP32, FP32, reshard))
         block = root["block"] + ([] if islands else root["island"])
         return units + ([unit("<root>", block, c, r, False)] if block else [])
-    if islands:  # hc_head and lm_head: one fp32 unit, resharded (FSDP2's default for a non-root unit)
+    if islands:  # hc_head and lm_head: one fp32 unit, resharded as the blocks (apply_fsdp)
         return units + [
-            unit("<root fp32 islands>", root["island"], FP32, FP32, True),
+            unit("<root fp32 islands>", root["island"], FP32, FP32, reshard),
             unit("<root>", root["block"], c, r, False),
         ]
     return units + [unit("<root>", root["island"] + root["block"], c, r, False)]
