@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers.sharded import each
 from titan_dsv4.multiprocess import run_on_ranks
 
 
@@ -63,9 +64,8 @@ def _island_rules_hold(units):
 
 @pytest.mark.slow
 def test_full_ac_and_compile_keep_numerics_and_islands():
-    eager = run_on_ranks(_step, 2, "none", False)[0]
-    full_ac = run_on_ranks(_step, 2, "full", False)[0]
-    compiled = run_on_ranks(_step, 2, "selective", True, timeout=600)[0]
+    modes = [(_step, ("none", False)), (_step, ("full", False)), (_step, ("selective", True))]
+    eager, full_ac, compiled = run_on_ranks(each, 2, modes, timeout=600)[0]  # one spawn, three models
     for other in (full_ac, compiled):
         _island_rules_hold(other["units"])
         assert [u.name for u in other["units"]] == [u.name for u in eager["units"]]

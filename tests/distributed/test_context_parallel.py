@@ -153,11 +153,27 @@ def test_cp2_matches_single_process():
     _assert_all_close(results[1])
 
 
+CP4_CASES = [("block_causal", "sparse", False), ("causal", "dense", False)]
+BATCH_RANKS = {
+    "cp2 x dp2 x ep2": dict(dp_replicate=1, dp_shard=2, ep=2),
+    "cp2 x hsdp2": dict(dp_replicate=2, dp_shard=1, ep=1),  # 2-D FSDP mesh: HCA alignment off
+}
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    """Every rank's results of the 4-rank cases (cp 4; cp 2 with two batch ranks), from one spawn."""
+    from tests.helpers.sharded import each
+
+    calls = [(_cp_cases, (CP4_CASES, 1024, 1))] + [(_fsdp_ep_cp, (512, d)) for d in BATCH_RANKS.values()]
+    per_rank = run_on_ranks(each, 4, calls, timeout=1500)
+    names = ["cp4", *BATCH_RANKS]
+    return {name: [rank[i] for rank in per_rank] for i, name in enumerate(names)}
+
+
 @pytest.mark.slow
-def test_cp4_matches_single_process():
-    cases = [("block_causal", "sparse", False), ("causal", "dense", False)]
-    results = run_on_ranks(_cp_cases, 4, cases, 1024, 1, timeout=600)
-    for r in results:
+def test_cp4_matches_single_process(four_ranks):
+    for r in four_ranks["cp4"]:
         _assert_all_close(r)
 
 
@@ -219,16 +235,9 @@ def _fsdp_ep_cp(rank, world_size, seq_len, degrees):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name, degrees",
-    [
-        ("cp2 x dp2 x ep2", dict(dp_replicate=1, dp_shard=2, ep=2)),
-        ("cp2 x hsdp2", dict(dp_replicate=2, dp_shard=1, ep=1)),  # 2-D FSDP mesh: HCA alignment off
-    ],
-)
-def test_cp2_with_two_batch_ranks_matches_single_process(name, degrees):
-    results = run_on_ranks(_fsdp_ep_cp, 4, 512, degrees, timeout=600)
-    for r in results:
+@pytest.mark.parametrize("name", list(BATCH_RANKS))
+def test_cp2_with_two_batch_ranks_matches_single_process(four_ranks, name):
+    for r in four_ranks[name]:
         _assert_all_close({(name, "block_causal", "sparse", False): r})
 
 
