@@ -1,7 +1,14 @@
+import os
+
 import pytest
 import torch
 
 from titan_dsv4.cpu import apply_cpu_support
+
+# run_train.sh's rank count, worked out once here rather than by a torch import in every launch (1-2 s
+# each): its own rule, the GPU count or 2 CPU ranks. test_train_e2e's default-config launch still leaves
+# it to run_train.sh.
+os.environ.setdefault("NGPU", str(torch.cuda.device_count() or 2))
 
 apply_cpu_support()  # on a machine without an accelerator: Titan's device is the CPU, its groups gloo
 
