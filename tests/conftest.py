@@ -28,3 +28,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ranks():
+    """``ranks.run(fn, world_size, *args, timeout=...)``: ``run_on_ranks`` on ranks kept between tests
+    (tests/helpers/rank_pool.py); they end when the tests of a folder are done."""
+    from tests.helpers.rank_pool import POOL
+
+    yield POOL
+    POOL.close()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Idle ranks hold memory: end them after the last test of each folder (the next folder's first
+    ``ranks.run`` starts its own)."""
+    import sys
+
+    pool = sys.modules.get("tests.helpers.rank_pool")
+    if pool is not None and (nextitem is None or nextitem.path.parent != item.path.parent):
+        pool.POOL.close()

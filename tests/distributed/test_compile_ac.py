@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.sharded import each
 from titan_dsv4.multiprocess import run_on_ranks
 
 
@@ -63,9 +62,10 @@ def _island_rules_hold(units):
 
 
 @pytest.mark.slow
-def test_full_ac_and_compile_keep_numerics_and_islands():
-    modes = [(_step, ("none", False)), (_step, ("full", False)), (_step, ("selective", True))]
-    eager, full_ac, compiled = run_on_ranks(each, 2, modes, timeout=600)[0]  # one spawn, three models
+def test_full_ac_and_compile_keep_numerics_and_islands(ranks):
+    eager = ranks.run(_step, 2, "none", False)[0]
+    full_ac = ranks.run(_step, 2, "full", False)[0]
+    compiled = ranks.run(_step, 2, "selective", True, timeout=600)[0]
     for other in (full_ac, compiled):
         _island_rules_hold(other["units"])
         assert [u.name for u in other["units"]] == [u.name for u in eager["units"]]

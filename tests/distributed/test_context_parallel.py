@@ -8,8 +8,6 @@ import copy
 import pytest
 import torch
 
-from titan_dsv4.multiprocess import run_on_ranks
-
 TOL = dict(rtol=0, atol=1e-5)
 EOS = 1
 
@@ -145,35 +143,19 @@ CP2_CASES = [
 
 
 @pytest.mark.slow
-def test_cp2_matches_single_process():
+def test_cp2_matches_single_process(ranks):
     """cp 2, head-tail (and contiguous): causal and packed documents, both kernels, the indexer's sparse
     stage (it selects: up to 128 visible entries, top-16) and dense warm-up, MTP 1, hash and learned MoE."""
-    results = run_on_ranks(_cp_cases, 2, CP2_CASES, 512, 2, timeout=600)
+    results = ranks.run(_cp_cases, 2, CP2_CASES, 512, 2, timeout=600)
     _assert_all_close(results[0])
     _assert_all_close(results[1])
 
 
-CP4_CASES = [("block_causal", "sparse", False), ("causal", "dense", False)]
-BATCH_RANKS = {
-    "cp2 x dp2 x ep2": dict(dp_replicate=1, dp_shard=2, ep=2),
-    "cp2 x hsdp2": dict(dp_replicate=2, dp_shard=1, ep=1),  # 2-D FSDP mesh: HCA alignment off
-}
-
-
-@pytest.fixture(scope="module")
-def four_ranks():
-    """Every rank's results of the 4-rank cases (cp 4; cp 2 with two batch ranks), from one spawn."""
-    from tests.helpers.sharded import each
-
-    calls = [(_cp_cases, (CP4_CASES, 1024, 1))] + [(_fsdp_ep_cp, (512, d)) for d in BATCH_RANKS.values()]
-    per_rank = run_on_ranks(each, 4, calls, timeout=1500)
-    names = ["cp4", *BATCH_RANKS]
-    return {name: [rank[i] for rank in per_rank] for i, name in enumerate(names)}
-
-
 @pytest.mark.slow
-def test_cp4_matches_single_process(four_ranks):
-    for r in four_ranks["cp4"]:
+def test_cp4_matches_single_process(ranks):
+    cases = [("block_causal", "sparse", False), ("causal", "dense", False)]
+    results = ranks.run(_cp_cases, 4, cases, 1024, 1, timeout=600)
+    for r in results:
         _assert_all_close(r)
 
 
@@ -235,9 +217,16 @@ def _fsdp_ep_cp(rank, world_size, seq_len, degrees):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(BATCH_RANKS))
-def test_cp2_with_two_batch_ranks_matches_single_process(four_ranks, name):
-    for r in four_ranks[name]:
+@pytest.mark.parametrize(
+    "name, degrees",
+    [
+        ("cp2 x dp2 x ep2", dict(dp_replicate=1, dp_shard=2, ep=2)),
+        ("cp2 x hsdp2", dict(dp_replicate=2, dp_shard=1, ep=1)),  # 2-D FSDP mesh: HCA alignment off
+    ],
+)
+def test_cp2_with_two_batch_ranks_matches_single_process(ranks, name, degrees):
+    results = ranks.run(_fsdp_ep_cp, 4, 512, degrees, timeout=600)
+    for r in results:
         _assert_all_close({(name, "block_causal", "sparse", False): r})
 
 

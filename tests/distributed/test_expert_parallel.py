@@ -1,8 +1,8 @@
 """Expert parallelism on real gloo meshes: gradients, the fp32 unit rules, the HCA group and the expert bias.
 
-One spawn per world size (dp_shard 2 x ep 2; then dp_shard 4 x ep 2 and dp_replicate 2 x dp_shard 2 x ep 2):
-a training step of the debug model (hash-routed layers 0-1, learned layers 2-3) on different data per rank,
-in fp32, compared with one process on the global batch; then the expert-bias update, compared likewise.
+One launch per layout (dp_shard 2 x ep 2; dp_shard 4 x ep 2; dp_replicate 2 x dp_shard 2 x ep 2): a training
+step of the debug model (hash-routed layers 0-1, learned layers 2-3) on different data per rank, in fp32,
+compared with one process on the global batch; then the expert-bias update, compared likewise.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from tests.helpers.sharded import (
     dims,
-    each,
     full_grads,
     job,
     logged_messages,
@@ -21,7 +20,6 @@ from tests.helpers.sharded import (
     reference_model,
     sample,
 )
-from titan_dsv4.multiprocess import run_on_ranks
 
 SEQ = 256
 
@@ -134,26 +132,22 @@ def _unit_rules_hold(units):
 
 
 @pytest.mark.slow
-def test_dp_shard_2_ep_2():
-    _check(run_on_ranks(_ep_step, 2, dict(dp_shard=2, ep=2))[0], ep_local_experts=4, hca_group=2)
-
-
-@pytest.fixture(scope="module")
-def four_ranks():
-    """Rank 0's step in the two 4-rank layouts, from one spawn of 4 ranks."""
-    layouts = [dict(dp_shard=4, ep=2), dict(dp_replicate=2, dp_shard=2, ep=2)]
-    fsdp4, hsdp = run_on_ranks(each, 4, [(_ep_step, (d,)) for d in layouts], timeout=800)[0]
-    return {"dp_shard 4": fsdp4, "hsdp": hsdp}
+def test_dp_shard_2_ep_2(ranks):
+    _check(ranks.run(_ep_step, 2, dict(dp_shard=2, ep=2))[0], ep_local_experts=4, hca_group=2)
 
 
 @pytest.mark.slow
-def test_dp_shard_4_ep_2(four_ranks):
-    _check(four_ranks["dp_shard 4"], ep_local_experts=4, hca_group=4)
+def test_dp_shard_4_ep_2(ranks):
+    _check(ranks.run(_ep_step, 4, dict(dp_shard=4, ep=2), timeout=400)[0], ep_local_experts=4, hca_group=4)
 
 
 @pytest.mark.slow
-def test_hsdp_2x2_ep_2_disables_hca_alignment(four_ranks):
-    _check(four_ranks["hsdp"], ep_local_experts=4, hca_group=None)
+def test_hsdp_2x2_ep_2_disables_hca_alignment(ranks):
+    _check(
+        ranks.run(_ep_step, 4, dict(dp_replicate=2, dp_shard=2, ep=2), timeout=400)[0],
+        ep_local_experts=4,
+        hca_group=None,
+    )
 
 
 def test_refusals_name_the_degree_and_the_fix():

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers.sharded import dims, each, full_grads, job, parallelized_copy, reference_model, sample
-from titan_dsv4.multiprocess import run_on_ranks
+from tests.helpers.sharded import dims, full_grads, job, parallelized_copy, reference_model, sample
 
 SEQ = 256
 
@@ -39,18 +38,9 @@ def _fsdp_step(rank, world_size, mixed):
     return result
 
 
-@pytest.fixture(scope="module")
-def steps():
-    """Rank 0's step under the fp32 and the bf16 policy, from one spawn of 2 ranks."""
-    fp32, bf16 = run_on_ranks(
-        each, 2, [(_fsdp_step, ("float32",)), (_fsdp_step, ("bfloat16",))], timeout=480
-    )[0]
-    return {"float32": fp32, "bfloat16": bf16}
-
-
 @pytest.mark.slow
-def test_two_rank_fsdp_step_matches_single_process(steps):
-    out = steps["float32"]
+def test_two_rank_fsdp_step_matches_single_process(ranks):
+    out = ranks.run(_fsdp_step, 2, "float32")[0]
     torch.testing.assert_close(out["loss"], out["ref_loss"], rtol=0, atol=1e-5)
     assert set(out["grads"]) == set(out["ref_grads"])
     assert len(out["grads"]) > 50
@@ -59,9 +49,9 @@ def test_two_rank_fsdp_step_matches_single_process(steps):
 
 
 @pytest.mark.slow
-def test_two_rank_bf16_islands_stay_close_to_fp32_reference(steps):
+def test_two_rank_bf16_islands_stay_close_to_fp32_reference(ranks):
     """bf16 blocks with fp32 islands: same loss to bf16 accuracy; island grads stay fp32-accurate-ish."""
-    out = steps["bfloat16"]
+    out = ranks.run(_fsdp_step, 2, "bfloat16")[0]
     assert abs(out["loss"].item() - out["ref_loss"].item()) < 2e-2
     g, ref = out["grads"]["lm_head.weight"], out["ref_grads"]["lm_head.weight"]
     assert torch.nn.functional.cosine_similarity(g.flatten(), ref.flatten(), dim=0) > 0.99

@@ -5,9 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.sharded import each
-from titan_dsv4.multiprocess import run_on_ranks
-
 
 def build_parallelized(
     world_size: int, mixed: str = "bfloat16", twice: bool = False, group_islands: bool = True
@@ -123,27 +120,9 @@ def _check_unit_rules(report):
     return by_kind
 
 
-def _fp32_report(rank, world_size):
-    from titan_dsv4.infra.unit_plan import fsdp_units
-
-    return fsdp_units(build_parallelized(world_size, "float32"))
-
-
-@pytest.fixture(scope="module")
-def reports():
-    """Rank 0's reports of the three layouts below, from one spawn of 2 ranks."""
-    calls = [
-        (_unit_report, ("bfloat16", True)),
-        (_unit_report, ("bfloat16", True, False)),
-        (_fp32_report, ()),
-    ]
-    grouped, per_island, fp32 = run_on_ranks(each, 2, calls, timeout=480)[0]
-    return {"grouped": grouped, "per_island": per_island, "fp32": fp32}
-
-
 @pytest.mark.slow
-def test_grouped_islands_default_two_fp32_units_per_block(reports):
-    report = reports["grouped"]
+def test_grouped_islands_default_two_fp32_units_per_block(ranks):
+    report = ranks.run(_unit_report, 2, "bfloat16", True)[0]
     by_kind = _check_unit_rules(report)
     # forward: 3 all-gathers per block (bf16 block, fp32 islands, fp32 holders) + root + head islands
     assert report["forward_all_gathers"] == 4 * 3 + 1 + 1
@@ -153,8 +132,8 @@ def test_grouped_islands_default_two_fp32_units_per_block(reports):
 
 
 @pytest.mark.slow
-def test_per_island_baseline_one_unit_per_island(reports):
-    report = reports["per_island"]
+def test_per_island_baseline_one_unit_per_island(ranks):
+    report = ranks.run(_unit_report, 2, "bfloat16", True, False)[0]
     by_kind = _check_unit_rules(report)
     assert report["forward_all_gathers"] == len(report["units"])  # one per unit
     # 2 mHC per block + compressor wkv/wgate (CSA: + indexer wkv/wgate) + hc_head, lm_head
@@ -162,8 +141,14 @@ def test_per_island_baseline_one_unit_per_island(reports):
     assert len(by_kind["holder"]) == 4 + 2 * 2 + 1
 
 
+def _fp32_report(rank, world_size):
+    from titan_dsv4.infra.unit_plan import fsdp_units
+
+    return fsdp_units(build_parallelized(world_size, "float32"))
+
+
 @pytest.mark.slow
-def test_fp32_job_policy_needs_no_islands(reports):
-    units = reports["fp32"]
+def test_fp32_job_policy_needs_no_islands(ranks):
+    units = ranks.run(_fp32_report, 2)[0]
     assert sorted(u.kind for u in units) == ["block"] * 4 + ["root"]
     assert all(u.compute_dtypes == frozenset({torch.float32}) for u in units)

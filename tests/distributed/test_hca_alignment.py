@@ -7,16 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers.sharded import dims as _dims
-from tests.helpers.sharded import (
-    each,
-    full_grads,
-    job,
-    logged_messages,
-    parallelized_copy,
-    reference_model,
-    sample,
-)
-from titan_dsv4.multiprocess import run_on_ranks
+from tests.helpers.sharded import full_grads, job, logged_messages, parallelized_copy, reference_model, sample
 
 
 def _meta_model(**changes):
@@ -44,36 +35,9 @@ def _group_answers(rank, world_size, degrees):
     return {"groups": answers, "log": [r for r in records if "HCA graph alignment disabled" in r]}
 
 
-@pytest.fixture(scope="module")
-def two_ranks():
-    """Rank 0's (or every rank's) answers to the 2-rank cases of this file, from one spawn."""
-    calls = [
-        (_group_answers, ({"dp_shard": 2},)),
-        (_aligned_step, ((64, 256),)),
-        (_aligned_step, ((200, 300),)),
-        (_all_short, ()),
-        (_count_all_reduces, (1,)),
-        (_count_all_reduces, (3,)),
-    ]
-    per_rank = run_on_ranks(each, 2, calls, timeout=600)
-    names = ("groups", "short_and_long", "both_with_windows", "all_short", "all_reduces_1", "all_reduces_3")
-    return {name: [rank[i] for rank in per_rank] for i, name in enumerate(names)}
-
-
-@pytest.fixture(scope="module")
-def four_ranks():
-    """Rank 0's answers for HSDP and for TP, from one spawn of 4 ranks."""
-    calls = [
-        (_group_answers, ({"dp_replicate": 2, "dp_shard": 2},)),
-        (_group_answers, ({"dp_shard": 2, "tp": 2},)),
-    ]
-    hsdp, tp = run_on_ranks(each, 4, calls, timeout=480)[0]
-    return {"hsdp": hsdp, "tp": tp}
-
-
 @pytest.mark.slow
-def test_pure_fsdp_binds_the_fsdp_group_to_hca_only(two_ranks):
-    out = two_ranks["groups"][0]
+def test_pure_fsdp_binds_the_fsdp_group_to_hca_only(ranks):
+    out = ranks.run(_group_answers, 2, {"dp_shard": 2})[0]
     assert out["groups"] == {
         "layers.1.self_attn.compressor": None,  # CSA
         "layers.2.self_attn.compressor": 2,  # HCA
@@ -82,15 +46,15 @@ def test_pure_fsdp_binds_the_fsdp_group_to_hca_only(two_ranks):
 
 
 @pytest.mark.slow
-def test_hsdp_disables_alignment_with_one_log_line(four_ranks):
-    out = four_ranks["hsdp"]
+def test_hsdp_disables_alignment_with_one_log_line(ranks):
+    out = ranks.run(_group_answers, 4, {"dp_replicate": 2, "dp_shard": 2})[0]
     assert out["groups"]["layers.2.self_attn.compressor"] is None
     assert len(out["log"]) == 1 and "('dp_replicate', 'fsdp') is 2-D" in out["log"][0]
 
 
 @pytest.mark.slow
-def test_tensor_parallel_is_refused_before_any_change(four_ranks):
-    out = four_ranks["tp"]
+def test_tensor_parallel_is_refused_before_any_change(ranks):
+    out = ranks.run(_group_answers, 4, {"dp_shard": 2, "tp": 2})[0]
     assert "tensor_parallel_degree=2" in out["refused"]
 
 
@@ -137,15 +101,15 @@ def _assert_grads_match(out):
 
 
 @pytest.mark.slow
-def test_short_and_long_rank_gradients_equal_single_process(two_ranks):
-    out = two_ranks["short_and_long"][0]
+def test_short_and_long_rank_gradients_equal_single_process(ranks):
+    out = ranks.run(_aligned_step, 2, (64, 256))[0]
     _assert_grads_match(out)
     assert out["grads"]["layers.2.self_attn.compressor.wkv.weight"].abs().sum() > 0
 
 
 @pytest.mark.slow
-def test_both_ranks_with_windows_match_single_process(two_ranks):
-    _assert_grads_match(two_ranks["both_with_windows"][0])
+def test_both_ranks_with_windows_match_single_process(ranks):
+    _assert_grads_match(ranks.run(_aligned_step, 2, (200, 300))[0])
 
 
 def _all_short(rank, world_size):
@@ -154,8 +118,8 @@ def _all_short(rank, world_size):
 
 
 @pytest.mark.slow
-def test_all_ranks_short_skip_the_hca_path_everywhere(two_ranks):
-    for per_rank in two_ranks["all_short"]:
+def test_all_ranks_short_skip_the_hca_path_everywhere(ranks):
+    for per_rank in ranks.run(_all_short, 2):
         assert per_rank and all(per_rank.values())
 
 
@@ -186,9 +150,9 @@ def _count_all_reduces(rank, world_size, n_hca_layers):
 
 
 @pytest.mark.slow
-def test_agreement_costs_one_all_reduce_per_forward_whatever_the_hca_layer_count(two_ranks):
-    assert two_ranks["all_reduces_1"] == [1, 1]
-    assert two_ranks["all_reduces_3"] == [1, 1]
+def test_agreement_costs_one_all_reduce_per_forward_whatever_the_hca_layer_count(ranks):
+    assert ranks.run(_count_all_reduces, 2, 1) == [1, 1]
+    assert ranks.run(_count_all_reduces, 2, 3) == [1, 1]
 
 
 def test_synthetic_window_leaves_outputs_unchanged_and_zero_length_is_an_error():

@@ -92,10 +92,3 @@ def full_grads(model) -> dict:
         canonical_name(n): (None if p.grad is None else p.grad.full_tensor())
         for n, p in model.named_parameters()
     }
-
-
-def each(rank: int, world_size: int, calls: list) -> list:
-    """``run_on_ranks(each, n, [(fn, args), ...])``: several cases in one spawn of ``n`` ranks, one after the
-    other (each rank's list of ``fn(rank, world_size, *args)``); a spawn costs every rank its imports, a case
-    only its own work. A case that raises fails the whole spawn, as it would fail its own."""
-    return [fn(rank, world_size, *args) for fn, args in calls]
