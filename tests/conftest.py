@@ -1,7 +1,14 @@
+import os
+
 import pytest
 import torch
 
 from titan_dsv4.cpu import apply_cpu_support
+
+# run_train.sh's rank count, worked out once here rather than by a torch import in every launch (1-2 s
+# each): its own rule, the GPU count or 2 CPU ranks. test_train_e2e's default-config launch still leaves
+# it to run_train.sh.
+os.environ.setdefault("NGPU", str(torch.cuda.device_count() or 2))
 
 apply_cpu_support()  # on a machine without an accelerator: Titan's device is the CPU, its groups gloo
 
@@ -21,3 +28,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ranks():
+    """``ranks.run(fn, world_size, *args, timeout=...)``: ``run_on_ranks`` on ranks kept between tests
+    (tests/helpers/rank_pool.py); they end when the tests of a folder are done."""
+    from tests.helpers.rank_pool import POOL
+
+    yield POOL
+    POOL.close()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Idle ranks hold memory: end them after the last test of each folder (the next folder's first
+    ``ranks.run`` starts its own)."""
+    import sys
+
+    pool = sys.modules.get("tests.helpers.rank_pool")
+    if pool is not None and (nextitem is None or nextitem.path.parent != item.path.parent):
+        pool.POOL.close()

@@ -1,8 +1,9 @@
 """Hugging Face checkpoints through ``./run_train.sh`` on 2 CPU ranks: load, train, export.
 
 The same random debugmodel-shaped transformers model is stored three ways (save_pretrained, DeepSeek's
-released names with MTP extras, and released FP8/FP4 storage). Each folder is loaded with
-``--checkpoint.initial_load_path DIR --checkpoint.initial_load_in_hf``, and the first step's loss must be
+released names with MTP extras, and released FP8/FP4 storage). Each folder is loaded once, by one of the
+routes (``--checkpoint.initial_load_path DIR --checkpoint.initial_load_in_hf`` on the command line or in the
+TOML convert_config writes; Titan's ``--model.hf_assets_path``), and the first step's loss must be
 transformers' loss on the very batch Titan feeds (fp32). The export (``--checkpoint.last_save_in_hf``) must
 load with ``DeepseekV4ForCausalLM.from_pretrained`` and give our model's logits.
 """
@@ -108,34 +109,21 @@ def test_save_pretrained_folder_loads_and_exports_under_pp2(checkpoints, tmp_pat
 
 
 @pytest.mark.slow
-def test_released_folder_loads_through_the_generated_toml(checkpoints, batch, tmp_path):
+def test_fp8_fp4_released_folder_loads_dequantized_through_the_generated_toml(checkpoints, batch, tmp_path):
+    """The released FP8/FP4 folder (DeepSeek's names, MTP extras) through the TOML convert_config writes for
+    it: dequantized on read, each rank reads its half, and the first step is transformers' on the values
+    the storage holds. (The plain released folder trains through --model.hf_assets_path below.)"""
     from titan_dsv4.checkpoint.convert_config import render
 
     config = tmp_path / "from_checkpoint.toml"
     config.write_text(
-        render(checkpoints["folders"]["released"], str(ROOT / "train_configs" / "debug_model.toml"))
+        render(checkpoints["folders"]["quantized"], str(ROOT / "train_configs" / "debug_model.toml"))
     )
     rc, log = run_train(["--config", str(config), *HF_LOAD[:4], "--job.dump_folder", str(tmp_path)])
     assert rc == 0, log[-4000:]
-    assert "released layout, 122 tensors, 3 MTP tensors not trained here" in log
-    assert_first_step_matches(log, transformers_loss(checkpoints["hf"], batch))
-    assert_each_rank_read_its_half(log)
-
-
-@pytest.mark.slow
-def test_fp8_fp4_released_folder_is_dequantized_on_load(checkpoints, batch, tmp_path):
-    rc, log = run_train(
-        [
-            *HF_LOAD,
-            "--checkpoint.initial_load_path",
-            checkpoints["folders"]["quantized"],
-            "--job.dump_folder",
-            str(tmp_path),
-        ]
-    )
-    assert rc == 0, log[-4000:]
-    assert "FP8/FP4 dequantized on read" in log
+    assert "released layout, 122 tensors, 3 MTP tensors not trained here, FP8/FP4 dequantized on read" in log
     assert_first_step_matches(log, transformers_loss(checkpoints["quantized_reference"], batch))
+    assert_each_rank_read_its_half(log)
 
 
 @pytest.mark.slow

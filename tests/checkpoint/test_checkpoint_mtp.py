@@ -93,14 +93,15 @@ def test_more_depths_than_the_checkpoint_are_refused_by_name(folders):
 
 
 @pytest.mark.slow
-def test_loads_trains_5_steps_on_2_ranks_and_exports_the_trained_depth(folders, tmp_path):
+def test_loads_trains_3_steps_on_2_ranks_and_exports_the_trained_depth(folders, tmp_path):
     """Two identical seeded runs from the folder: one exports in HF, one saves DCP; the export's mtp.0.*
-    (released names) equal the trained model's MTP weights."""
+    (released names) equal the trained model's MTP weights. 3 steps: the debug config's 2 dense warm-up
+    steps train only the indexer, the third trains the MTP depth too."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     common = [
         "--training.steps",
-        "5",
+        "3",
         "--training.mixed_precision_param",
         "float32",
         "--debug.seed",
@@ -121,10 +122,10 @@ def test_loads_trains_5_steps_on_2_ranks_and_exports_the_trained_depth(folders, 
     assert "released layout" in log and "FP8/FP4 dequantized on read" in log and "mtp_loss:" in log
     rc2, log2 = run_train([*common, "--job.dump_folder", str(tmp_path / "dcp")])
     assert rc2 == 0, log2[-4000:]
-    assert losses(log) == losses(log2) and sorted(losses(log)) == [1, 2, 3, 4, 5]
-    dcp_to_torch_save(str(tmp_path / "dcp" / "checkpoint" / "step-5"), str(tmp_path / "trained.pt"))
+    assert losses(log) == losses(log2) and sorted(losses(log)) == [1, 2, 3]
+    dcp_to_torch_save(str(tmp_path / "dcp" / "checkpoint" / "step-3"), str(tmp_path / "trained.pt"))
     trained = torch.load(tmp_path / "trained.pt", weights_only=False)
-    export = tmp_path / "hf" / "checkpoint" / "step-5"
+    export = tmp_path / "hf" / "checkpoint" / "step-3"
     exported = {}
     for shard in export.glob("model-*.safetensors"):
         with safe_open(str(shard), "pt") as f:

@@ -1,8 +1,8 @@
 """Resume and faults on 2 CPU ranks with FSDP: DCP checkpoints continue a run bit for bit.
 
-One straight 10-step run (checkpoints at steps 5 and 10) is the reference. Interrupted runs use the same
+One straight 6-step run (checkpoints at steps 3 and 6) is the reference. Interrupted runs use the same
 seed and schedule; after the interruption the same command resumes from the last complete checkpoint.
-"Bit-exact" is checked twice: the logged losses, and every tensor of the step-10 checkpoints (model with
+"Bit-exact" is checked twice: the logged losses, and every tensor of the step-6 checkpoints (model with
 its fp32 islands and buffers, AdamW state, LR schedule, dataloader position, train state).
 """
 
@@ -53,21 +53,21 @@ def straight(tmp_path_factory):
     dump = tmp_path_factory.mktemp("straight")
     rc, log = run_train([*RESUMABLE, "--job.dump_folder", str(dump)])
     assert rc == 0, log[-4000:]
-    assert sorted(losses(log)) == list(range(1, 11)), log[-3000:]
-    return dump, losses(log), checkpoint_state(dump / "checkpoint" / "step-10", tmp_path_factory.mktemp("pt"))
+    assert sorted(losses(log)) == list(range(1, 7)), log[-3000:]
+    return dump, losses(log), checkpoint_state(dump / "checkpoint" / "step-6", tmp_path_factory.mktemp("pt"))
 
 
 def _resume_matches(dump: Path, straight, tmp: Path) -> str:
     ref_dump, ref_losses, ref_state = straight
-    step5 = _digest(dump / "checkpoint" / "step-5")
+    step3 = _digest(dump / "checkpoint" / "step-3")
     rc, log = run_train([*RESUMABLE, "--job.dump_folder", str(dump)])
     assert rc == 0, log[-4000:]
-    assert "Training starts at step 6" in log, log[-3000:]
+    assert "Training starts at step 4" in log, log[-3000:]
     resumed = losses(log)
-    assert sorted(resumed) == [6, 7, 8, 9, 10]
-    assert resumed == {s: ref_losses[s] for s in range(6, 11)}, (resumed, ref_losses)
-    assert _digest(dump / "checkpoint" / "step-5") == step5  # the checkpoint resumed from is left as it was
-    state = checkpoint_state(dump / "checkpoint" / "step-10", tmp)
+    assert sorted(resumed) == [4, 5, 6]
+    assert resumed == {s: ref_losses[s] for s in range(4, 7)}, (resumed, ref_losses)
+    assert _digest(dump / "checkpoint" / "step-3") == step3  # the checkpoint resumed from is left as it was
+    state = checkpoint_state(dump / "checkpoint" / "step-6", tmp)
     assert not differences(state, ref_state), differences(state, ref_state)[:10]
     return log
 
@@ -76,7 +76,7 @@ def _resume_matches(dump: Path, straight, tmp: Path) -> str:
 def test_checkpoint_holds_everything_a_resume_needs(straight):
     _, _, state = straight
     assert {"optimizer", "lr_scheduler", "dataloader", "train_state"} <= set(state)
-    assert state["train_state"] == {"step": 10, "ntokens_seen": 10 * 2 * 512}  # per rank: local batch 2 x 512
+    assert state["train_state"] == {"step": 6, "ntokens_seen": 6 * 2 * 512}  # per rank: local batch 2 x 512
     # the learned routers' load-balance bias moved during training; the hash tables are stored
     assert all(state[f"layers.{i}.moe.expert_bias"].abs().sum() > 0 for i in (2, 3))
     assert all(state[f"layers.{i}.moe.router.tid2eid"].dtype == torch.int64 for i in (0, 1))
@@ -110,31 +110,31 @@ def _killed_run(dump: Path, fault: str) -> str:
 
 @pytest.mark.slow
 def test_rank_killed_while_saving_leaves_a_half_written_folder_that_is_never_loaded(straight, tmp_path):
-    """A job stopped by a kill during its step-10 save resumes from step 5, bit-exactly (the stopped job's
-    steps 1-10 were the straight run's)."""
-    log = _killed_run(tmp_path, "save:10")
-    assert losses(log) == {s: straight[1][s] for s in range(1, 11)}
-    half = tmp_path / "checkpoint" / "step-10"
+    """A job stopped by a kill during its step-6 save resumes from step 3, bit-exactly (the stopped job's
+    steps 1-6 were the straight run's)."""
+    log = _killed_run(tmp_path, "save:6")
+    assert losses(log) == {s: straight[1][s] for s in range(1, 7)}
+    half = tmp_path / "checkpoint" / "step-6"
     assert (half / "__1_0.distcp").exists() and not (half / ".metadata").exists()
     log = _resume_matches(tmp_path, straight, tmp_path)
     assert (
         "Loading the checkpoint from" in log
-        and "step-5" in log.split("Loading the checkpoint from", 1)[1][:200]
+        and "step-3" in log.split("Loading the checkpoint from", 1)[1][:200]
     )
 
 
 @pytest.mark.slow
 def test_rank_killed_mid_step_ends_the_job_within_the_bound(straight, tmp_path):
-    log = _killed_run(tmp_path, "step:7")
-    assert sorted(losses(log)) == [1, 2, 3, 4, 5, 6]  # step 7 never completed
-    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-5"]
-    assert (tmp_path / "checkpoint" / "step-5" / ".metadata").exists()
+    log = _killed_run(tmp_path, "step:5")
+    assert sorted(losses(log)) == [1, 2, 3, 4]  # step 5 never completed
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-3"]
+    assert (tmp_path / "checkpoint" / "step-3" / ".metadata").exists()
 
 
 @pytest.mark.slow
 def test_bad_degrees_on_a_folder_with_checkpoints_stop_before_anything_is_written(straight):
     dump = straight[0]
-    before = {step: _digest(dump / "checkpoint" / step) for step in ("step-5", "step-10")}
+    before = {step: _digest(dump / "checkpoint" / step) for step in ("step-3", "step-6")}
     rc, log = run_train(
         [*RESUMABLE, "--parallelism.data_parallel_shard_degree", "3", "--job.dump_folder", str(dump)],
         timeout=120,
@@ -146,4 +146,4 @@ def test_bad_degrees_on_a_folder_with_checkpoints_stop_before_anything_is_writte
         "ranks, but the job has 2. Set --parallelism.data_parallel_shard_degree -1"
     ) in log
     assert not losses(log)
-    assert before == {step: _digest(dump / "checkpoint" / step) for step in ("step-5", "step-10")}
+    assert before == {step: _digest(dump / "checkpoint" / step) for step in ("step-3", "step-6")}

@@ -62,10 +62,10 @@ def _island_rules_hold(units):
 
 
 @pytest.mark.slow
-def test_full_ac_and_compile_keep_numerics_and_islands():
-    eager = run_on_ranks(_step, 2, "none", False)[0]
-    full_ac = run_on_ranks(_step, 2, "full", False)[0]
-    compiled = run_on_ranks(_step, 2, "selective", True, timeout=600)[0]
+def test_full_ac_and_compile_keep_numerics_and_islands(ranks):
+    eager = ranks.run(_step, 2, "none", False)[0]
+    full_ac = ranks.run(_step, 2, "full", False)[0]
+    compiled = ranks.run(_step, 2, "selective", True, timeout=600)[0]
     for other in (full_ac, compiled):
         _island_rules_hold(other["units"])
         assert [u.name for u in other["units"]] == [u.name for u in eager["units"]]

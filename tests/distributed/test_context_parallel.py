@@ -8,8 +8,6 @@ import copy
 import pytest
 import torch
 
-from titan_dsv4.multiprocess import run_on_ranks
-
 TOL = dict(rtol=0, atol=1e-5)
 EOS = 1
 
@@ -145,18 +143,18 @@ CP2_CASES = [
 
 
 @pytest.mark.slow
-def test_cp2_matches_single_process():
+def test_cp2_matches_single_process(ranks):
     """cp 2, head-tail (and contiguous): causal and packed documents, both kernels, the indexer's sparse
     stage (it selects: up to 128 visible entries, top-16) and dense warm-up, MTP 1, hash and learned MoE."""
-    results = run_on_ranks(_cp_cases, 2, CP2_CASES, 512, 2, timeout=600)
+    results = ranks.run(_cp_cases, 2, CP2_CASES, 512, 2, timeout=600)
     _assert_all_close(results[0])
     _assert_all_close(results[1])
 
 
 @pytest.mark.slow
-def test_cp4_matches_single_process():
+def test_cp4_matches_single_process(ranks):
     cases = [("block_causal", "sparse", False), ("causal", "dense", False)]
-    results = run_on_ranks(_cp_cases, 4, cases, 1024, 1, timeout=600)
+    results = ranks.run(_cp_cases, 4, cases, 1024, 1, timeout=600)
     for r in results:
         _assert_all_close(r)
 
@@ -226,8 +224,8 @@ def _fsdp_ep_cp(rank, world_size, seq_len, degrees):
         ("cp2 x hsdp2", dict(dp_replicate=2, dp_shard=1, ep=1)),  # 2-D FSDP mesh: HCA alignment off
     ],
 )
-def test_cp2_with_two_batch_ranks_matches_single_process(name, degrees):
-    results = run_on_ranks(_fsdp_ep_cp, 4, 512, degrees, timeout=600)
+def test_cp2_with_two_batch_ranks_matches_single_process(ranks, name, degrees):
+    results = ranks.run(_fsdp_ep_cp, 4, 512, degrees, timeout=600)
     for r in results:
         _assert_all_close({(name, "block_causal", "sparse", False): r})
 

@@ -20,7 +20,6 @@ from tests.helpers.sharded import (
     reference_model,
     sample,
 )
-from titan_dsv4.multiprocess import run_on_ranks
 
 SEQ = 256
 
@@ -133,19 +132,19 @@ def _unit_rules_hold(units):
 
 
 @pytest.mark.slow
-def test_dp_shard_2_ep_2():
-    _check(run_on_ranks(_ep_step, 2, dict(dp_shard=2, ep=2))[0], ep_local_experts=4, hca_group=2)
+def test_dp_shard_2_ep_2(ranks):
+    _check(ranks.run(_ep_step, 2, dict(dp_shard=2, ep=2))[0], ep_local_experts=4, hca_group=2)
 
 
 @pytest.mark.slow
-def test_dp_shard_4_ep_2():
-    _check(run_on_ranks(_ep_step, 4, dict(dp_shard=4, ep=2), timeout=400)[0], ep_local_experts=4, hca_group=4)
+def test_dp_shard_4_ep_2(ranks):
+    _check(ranks.run(_ep_step, 4, dict(dp_shard=4, ep=2), timeout=400)[0], ep_local_experts=4, hca_group=4)
 
 
 @pytest.mark.slow
-def test_hsdp_2x2_ep_2_disables_hca_alignment():
+def test_hsdp_2x2_ep_2_disables_hca_alignment(ranks):
     _check(
-        run_on_ranks(_ep_step, 4, dict(dp_replicate=2, dp_shard=2, ep=2), timeout=400)[0],
+        ranks.run(_ep_step, 4, dict(dp_replicate=2, dp_shard=2, ep=2), timeout=400)[0],
         ep_local_experts=4,
         hca_group=None,
     )

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers.sharded import dims, full_grads, job, parallelized_copy, reference_model, sample
-from titan_dsv4.multiprocess import run_on_ranks
 
 SEQ = 256
 
@@ -40,8 +39,8 @@ def _fsdp_step(rank, world_size, mixed):
 
 
 @pytest.mark.slow
-def test_two_rank_fsdp_step_matches_single_process():
-    out = run_on_ranks(_fsdp_step, 2, "float32")[0]
+def test_two_rank_fsdp_step_matches_single_process(ranks):
+    out = ranks.run(_fsdp_step, 2, "float32")[0]
     torch.testing.assert_close(out["loss"], out["ref_loss"], rtol=0, atol=1e-5)
     assert set(out["grads"]) == set(out["ref_grads"])
     assert len(out["grads"]) > 50
@@ -50,9 +49,9 @@ def test_two_rank_fsdp_step_matches_single_process():
 
 
 @pytest.mark.slow
-def test_two_rank_bf16_islands_stay_close_to_fp32_reference():
+def test_two_rank_bf16_islands_stay_close_to_fp32_reference(ranks):
     """bf16 blocks with fp32 islands: same loss to bf16 accuracy; island grads stay fp32-accurate-ish."""
-    out = run_on_ranks(_fsdp_step, 2, "bfloat16")[0]
+    out = ranks.run(_fsdp_step, 2, "bfloat16")[0]
     assert abs(out["loss"].item() - out["ref_loss"].item()) < 2e-2
     g, ref = out["grads"]["lm_head.weight"], out["ref_grads"]["lm_head.weight"]
     assert torch.nn.functional.cosine_similarity(g.flatten(), ref.flatten(), dim=0) > 0.99

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from titan_dsv4.multiprocess import run_on_ranks
-
 
 def build_parallelized(
     world_size: int, mixed: str = "bfloat16", twice: bool = False, group_islands: bool = True
@@ -123,8 +121,8 @@ def _check_unit_rules(report):
 
 
 @pytest.mark.slow
-def test_grouped_islands_default_two_fp32_units_per_block():
-    report = run_on_ranks(_unit_report, 2, "bfloat16", True)[0]
+def test_grouped_islands_default_two_fp32_units_per_block(ranks):
+    report = ranks.run(_unit_report, 2, "bfloat16", True)[0]
     by_kind = _check_unit_rules(report)
     # forward: 3 all-gathers per block (bf16 block, fp32 islands, fp32 holders) + root + head islands
     assert report["forward_all_gathers"] == 4 * 3 + 1 + 1
@@ -134,8 +132,8 @@ def test_grouped_islands_default_two_fp32_units_per_block():
 
 
 @pytest.mark.slow
-def test_per_island_baseline_one_unit_per_island():
-    report = run_on_ranks(_unit_report, 2, "bfloat16", True, False)[0]
+def test_per_island_baseline_one_unit_per_island(ranks):
+    report = ranks.run(_unit_report, 2, "bfloat16", True, False)[0]
     by_kind = _check_unit_rules(report)
     assert report["forward_all_gathers"] == len(report["units"])  # one per unit
     # 2 mHC per block + compressor wkv/wgate (CSA: + indexer wkv/wgate) + hc_head, lm_head
@@ -150,7 +148,7 @@ def _fp32_report(rank, world_size):
 
 
 @pytest.mark.slow
-def test_fp32_job_policy_needs_no_islands():
-    units = run_on_ranks(_fp32_report, 2)[0]
+def test_fp32_job_policy_needs_no_islands(ranks):
+    units = ranks.run(_fp32_report, 2)[0]
     assert sorted(u.kind for u in units) == ["block"] * 4 + ["root"]
     assert all(u.compute_dtypes == frozenset({torch.float32}) for u in units)

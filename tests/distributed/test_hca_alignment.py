@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from tests.helpers.sharded import dims as _dims
 from tests.helpers.sharded import full_grads, job, logged_messages, parallelized_copy, reference_model, sample
-from titan_dsv4.multiprocess import run_on_ranks
 
 
 def _meta_model(**changes):
@@ -37,8 +36,8 @@ def _group_answers(rank, world_size, degrees):
 
 
 @pytest.mark.slow
-def test_pure_fsdp_binds_the_fsdp_group_to_hca_only():
-    out = run_on_ranks(_group_answers, 2, {"dp_shard": 2})[0]
+def test_pure_fsdp_binds_the_fsdp_group_to_hca_only(ranks):
+    out = ranks.run(_group_answers, 2, {"dp_shard": 2})[0]
     assert out["groups"] == {
         "layers.1.self_attn.compressor": None,  # CSA
         "layers.2.self_attn.compressor": 2,  # HCA
@@ -47,15 +46,15 @@ def test_pure_fsdp_binds_the_fsdp_group_to_hca_only():
 
 
 @pytest.mark.slow
-def test_hsdp_disables_alignment_with_one_log_line():
-    out = run_on_ranks(_group_answers, 4, {"dp_replicate": 2, "dp_shard": 2})[0]
+def test_hsdp_disables_alignment_with_one_log_line(ranks):
+    out = ranks.run(_group_answers, 4, {"dp_replicate": 2, "dp_shard": 2})[0]
     assert out["groups"]["layers.2.self_attn.compressor"] is None
     assert len(out["log"]) == 1 and "('dp_replicate', 'fsdp') is 2-D" in out["log"][0]
 
 
 @pytest.mark.slow
-def test_tensor_parallel_is_refused_before_any_change():
-    out = run_on_ranks(_group_answers, 4, {"dp_shard": 2, "tp": 2})[0]
+def test_tensor_parallel_is_refused_before_any_change(ranks):
+    out = ranks.run(_group_answers, 4, {"dp_shard": 2, "tp": 2})[0]
     assert "tensor_parallel_degree=2" in out["refused"]
 
 
@@ -102,15 +101,15 @@ def _assert_grads_match(out):
 
 
 @pytest.mark.slow
-def test_short_and_long_rank_gradients_equal_single_process():
-    out = run_on_ranks(_aligned_step, 2, (64, 256))[0]
+def test_short_and_long_rank_gradients_equal_single_process(ranks):
+    out = ranks.run(_aligned_step, 2, (64, 256))[0]
     _assert_grads_match(out)
     assert out["grads"]["layers.2.self_attn.compressor.wkv.weight"].abs().sum() > 0
 
 
 @pytest.mark.slow
-def test_both_ranks_with_windows_match_single_process():
-    _assert_grads_match(run_on_ranks(_aligned_step, 2, (200, 300))[0])
+def test_both_ranks_with_windows_match_single_process(ranks):
+    _assert_grads_match(ranks.run(_aligned_step, 2, (200, 300))[0])
 
 
 def _all_short(rank, world_size):
@@ -119,8 +118,8 @@ def _all_short(rank, world_size):
 
 
 @pytest.mark.slow
-def test_all_ranks_short_skip_the_hca_path_everywhere():
-    for per_rank in run_on_ranks(_all_short, 2):
+def test_all_ranks_short_skip_the_hca_path_everywhere(ranks):
+    for per_rank in ranks.run(_all_short, 2):
         assert per_rank and all(per_rank.values())
 
 
@@ -151,9 +150,9 @@ def _count_all_reduces(rank, world_size, n_hca_layers):
 
 
 @pytest.mark.slow
-def test_agreement_costs_one_all_reduce_per_forward_whatever_the_hca_layer_count():
-    assert run_on_ranks(_count_all_reduces, 2, 1) == [1, 1]
-    assert run_on_ranks(_count_all_reduces, 2, 3) == [1, 1]
+def test_agreement_costs_one_all_reduce_per_forward_whatever_the_hca_layer_count(ranks):
+    assert ranks.run(_count_all_reduces, 2, 1) == [1, 1]
+    assert ranks.run(_count_all_reduces, 2, 3) == [1, 1]
 
 
 def test_synthetic_window_leaves_outputs_unchanged_and_zero_length_is_an_error():

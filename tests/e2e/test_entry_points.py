@@ -23,8 +23,8 @@ FIGURE = re.compile(r"(loss|grad_norm|mtp_loss|indexer_kl|indexer_recall): +(-?[
 pytestmark = pytest.mark.slow
 
 
-def _launch(cmd: list[str], timeout: float = 420) -> tuple[int, str]:
-    env = {**os.environ, "PYTHON": sys.executable, "LOG_RANK": "0,1"}
+def _launch(cmd: list[str], timeout: float = 420, **env: str) -> tuple[int, str]:
+    env = {**os.environ, "PYTHON": sys.executable, "LOG_RANK": "0,1", **env}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return proc.returncode, ANSI.sub("", proc.stdout + proc.stderr)
 
@@ -51,9 +51,9 @@ def figures(log: str) -> dict[int, dict[str, float]]:
     return out
 
 
-# Indexer warm-up of 3 steps (the first 3 steps dense, the 4th sparse); a checkpoint after every step.
+# Indexer warm-up of 2 steps (steps 1-2 dense, the 3rd sparse); a checkpoint after every step.
 RUN = [
-    "--training.steps", "4", "--deepseek_v4.indexer_warmup_steps", "3", "--debug.seed", "42",
+    "--training.steps", "3", "--deepseek_v4.indexer_warmup_steps", "2", "--debug.seed", "42",
     "--debug.deterministic", "--checkpoint.enable", "--checkpoint.interval", "1",
 ]  # fmt: skip
 
@@ -70,18 +70,21 @@ def test_both_entries_train_alike_and_resume_mid_warmup_alike(tmp_path):
     rc, stock_log = _launch(stock(*RUN, "--job.dump_folder", str(tmp_path / "stock")))
     assert rc == 0, stock_log[-4000:]
     straight = figures(ours_log)
-    assert sorted(straight) == [1, 2, 3, 4] and all("indexer_kl" in straight[s] for s in straight)
+    assert sorted(straight) == [1, 2, 3] and all("indexer_kl" in straight[s] for s in straight)
     assert figures(stock_log) == straight  # the same losses and indexer figures, step by step
-    # the warm-up trains only the indexer (a small gradient norm), then everything trains from step 4
-    assert max(straight[s]["grad_norm"] for s in (1, 2, 3)) < 0.1 < straight[4]["grad_norm"], straight
+    # the warm-up trains only the indexer (a small gradient norm), then everything trains from step 3
+    assert max(straight[s]["grad_norm"] for s in (1, 2)) < 0.1 < straight[3]["grad_norm"], straight
 
-    # Resume at step 2 of the 3-step warm-up, each entry from the other's step-1 checkpoint.
-    rc, log = _launch(ours(*_resume_from_step_1(tmp_path / "stock", tmp_path / "ours_resumed")))
+    # Resume inside the warm-up (its second step), each entry from the other's step-1 checkpoint: the
+    # resumed run must still train only the indexer at step 2, and everything at step 3.
+    # (run_train.sh's check before the ranks start passed the same job above: skipped here, 4 s of imports)
+    resumed = ours(*_resume_from_step_1(tmp_path / "stock", tmp_path / "ours_resumed"))
+    rc, log = _launch(resumed, TITAN_DSV4_PREFLIGHT="0")
     assert rc == 0 and "Training starts at step 2" in log, log[-4000:]
-    assert figures(log) == {s: straight[s] for s in (2, 3, 4)}
+    assert figures(log) == {s: straight[s] for s in (2, 3)}
     rc, log = _launch(stock(*_resume_from_step_1(tmp_path / "ours", tmp_path / "stock_resumed")))
     assert rc == 0 and "Training starts at step 2" in log, log[-4000:]
-    assert figures(log) == {s: straight[s] for s in (2, 3, 4)}
+    assert figures(log) == {s: straight[s] for s in (2, 3)}
 
 
 FLASH = [

@@ -11,7 +11,8 @@ from titan_dsv4.launch import run_command
 
 
 def _run(cmd: list[str], timeout: float = 420) -> tuple[int, str]:
-    return run_command(cmd, timeout)
+    # NGPU unset, as users launch: run_train.sh picks the rank count itself (2 CPU ranks here)
+    return run_command(cmd, timeout, env={"NGPU": ""})
 
 
 @pytest.mark.slow

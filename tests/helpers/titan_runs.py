@@ -14,13 +14,15 @@ from tests.helpers.checkpoint_fixtures import debug_args, load_through_adapter
 from titan_dsv4.launch import ROOT, bytes_read, losses, run_train
 from titan_dsv4.model.hf_config import args_from_hf_config
 
-# Bit-exact resume runs: same seed, deterministic kernels, same schedule length.
+# Bit-exact resume runs: same seed, deterministic kernels, same schedule length. 6 steps, checkpoints at 3
+# and 6: the step-3 checkpoint is past the indexer's 2-step dense warm-up (every parameter has trained once)
+# and inside the LR warm-up (5 steps), so a resume from it carries the LR schedule across its warm-up's end.
 RESUMABLE = [
     "--training.steps",
-    "10",
+    "6",
     "--checkpoint.enable",
     "--checkpoint.interval",
-    "5",
+    "3",
     "--debug.seed",
     "42",
     "--debug.deterministic",

@@ -157,10 +157,9 @@ def _fsdp_kl_step(rank, world_size):
 
 
 @pytest.mark.slow
-def test_under_fsdp_the_indexer_islands_get_the_single_process_gradients():
-    from titan_dsv4.multiprocess import run_on_ranks
+def test_under_fsdp_the_indexer_islands_get_the_single_process_gradients(ranks):
 
-    out = run_on_ranks(_fsdp_kl_step, 2)[0]
+    out = ranks.run(_fsdp_kl_step, 2)[0]
     for name in (
         "layers.1.self_attn.compressor.indexer.wkv.weight",
         "layers.1.self_attn.compressor.indexer.ape_param.weight",

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers.sharded import dims, full_grads, job, parallelized_copy, reference_model, sample
-from titan_dsv4.multiprocess import run_on_ranks
 
 SEQ = 96
 
@@ -131,8 +130,8 @@ def _mtp_step(rank, world_size):
 
 
 @pytest.mark.slow
-def test_mtp_is_its_own_fsdp_unit_and_trains_under_ep_and_ac():
-    out = run_on_ranks(_mtp_step, 2)[0]
+def test_mtp_is_its_own_fsdp_unit_and_trains_under_ep_and_ac(ranks):
+    out = ranks.run(_mtp_step, 2)[0]
     mtp_grads = [n for n, g in out["grads"].items() if n.startswith("mtp.") and g is not None]
     assert "mtp.layers.0.block.moe.experts.w1" in mtp_grads and "mtp.layers.0.e_proj.weight" in mtp_grads
     for name, g in out["grads"].items():
