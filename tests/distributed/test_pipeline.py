@@ -7,8 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from titan_dsv4.multiprocess import run_on_ranks
-
 pytestmark = pytest.mark.slow
 LOCAL_BATCH, SEQ = 2, 256
 ENDS = (40, 150, 151, 200)  # packed documents (eos) in every row
@@ -116,10 +114,10 @@ def _pipelined(rank: int, world: int, schedules: tuple[str, ...]):
 
 
 @pytest.fixture(scope="module")
-def reports():
+def reports(ranks):
     from titan_dsv4.infra.pipeline import SUPPORTED_SCHEDULES
 
-    return run_on_ranks(_pipelined, 4, SUPPORTED_SCHEDULES, timeout=900), _reference(2)[1]
+    return ranks.run(_pipelined, 4, SUPPORTED_SCHEDULES, timeout=900), _reference(2)[1]
 
 
 def _assert_single_process_gradients(reports, key, expected: dict) -> None:
