@@ -19,7 +19,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple, backend: str | None) -> None:
+def set_up_rank(rank: int, world_size: int, port: int, backend: str | None) -> None:
+    """What a spawned rank does first: torch.distributed's environment, the train spec registered, the CPU
+    support, one thread, and (unless ``backend`` is None) the process group."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -32,12 +34,17 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple,
 
     import titan_dsv4  # noqa: F401  (registers the deepseek_v4 train spec)
     from titan_dsv4.cpu import apply_cpu_support
-    from titan_dsv4.refusals import shut_down_process_groups
 
     apply_cpu_support()
     torch.set_num_threads(1)
     if backend is not None:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
+
+
+def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple, backend: str | None) -> None:
+    from titan_dsv4.refusals import shut_down_process_groups
+
+    set_up_rank(rank, world_size, port, backend)
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

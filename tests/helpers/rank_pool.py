@@ -24,27 +24,12 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from titan_dsv4.multiprocess import _free_port
+from titan_dsv4.multiprocess import _free_port, set_up_rank
 
 
 def _serve(rank: int, world_size: int, port: int, tasks, results) -> None:
-    """A rank's loop: what ``titan_dsv4.multiprocess._entry`` sets up once, then one task after another."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        OMP_NUM_THREADS="1",
-    )
-    import torch.distributed as dist
-
-    import titan_dsv4  # noqa: F401  (registers the deepseek_v4 train spec)
-    from titan_dsv4.cpu import apply_cpu_support
-
-    apply_cpu_support()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    """A rank's loop: ``set_up_rank`` once (as ``run_on_ranks``' ranks), then one task after another."""
+    set_up_rank(rank, world_size, port, "gloo")
     while True:
         task = tasks.get()
         number, fn, args, out = task
