@@ -62,24 +62,12 @@ def test_hf_load_and_export_at_ep_2(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """6 seeded fp32 steps at EP 1 and at EP 2, checkpoints at steps 3 and 6."""
-    runs = {}
-    for name, extra in (("ep1", []), ("ep2", EP2)):
-        dump = tmp_path_factory.mktemp(name)
-        rc, log = run_train(
-            [
-                *RESUMABLE,
-                *extra,
-                "--training.mixed_precision_param",
-                "float32",
-                "--job.dump_folder",
-                str(dump),
-            ]
-        )
-        assert rc == 0, log[-4000:]
-        runs[name] = (dump, losses(log))
-    return runs
+def straight(fsdp_run, tmp_path_factory):
+    """6 seeded fp32 steps at EP 1 (the shared FSDP run) and at EP 2, checkpoints at steps 3 and 6."""
+    dump = tmp_path_factory.mktemp("ep2")
+    rc, log = run_train([*RESUMABLE, *EP2, "--job.dump_folder", str(dump)])
+    assert rc == 0, log[-4000:]
+    return {"ep1": fsdp_run, "ep2": (dump, losses(log))}
 
 
 @pytest.mark.slow
@@ -93,14 +81,7 @@ def test_ep_2_trains_as_ep_1(straight):
 @pytest.mark.slow
 def test_resume_at_ep_2_is_bit_exact(straight, tmp_path):
     dump, ref = straight["ep2"]
-    args = [
-        *RESUMABLE,
-        *EP2,
-        "--training.mixed_precision_param",
-        "float32",
-        "--job.dump_folder",
-        str(tmp_path),
-    ]
+    args = [*RESUMABLE, *EP2, "--job.dump_folder", str(tmp_path)]
     # a job stopped after step 3: the straight run's step-3 checkpoint, alone in a fresh dump folder
     shutil.copytree(dump / "checkpoint" / "step-3", tmp_path / "checkpoint" / "step-3")
     rc, log = run_train(args)
@@ -120,9 +101,7 @@ def test_dcp_checkpoints_move_between_ep_1_and_ep_2(straight, tmp_path, saved, r
     target = tmp_path / "run"
     shutil.copytree(source / "checkpoint" / "step-3", target / "checkpoint" / "step-3")
     extra = EP2 if resumed == "ep2" else []
-    rc, log = run_train(
-        [*RESUMABLE, *extra, "--training.mixed_precision_param", "float32", "--job.dump_folder", str(target)]
-    )
+    rc, log = run_train([*RESUMABLE, *extra, "--job.dump_folder", str(target)])
     assert rc == 0, log[-4000:]
     assert "Training starts at step 4" in log
     got = losses(log)

@@ -1,7 +1,8 @@
 """Resume and faults on 2 CPU ranks with FSDP: DCP checkpoints continue a run bit for bit.
 
-One straight 6-step run (checkpoints at steps 3 and 6) is the reference. Interrupted runs use the same
-seed and schedule; after the interruption the same command resumes from the last complete checkpoint.
+One straight 6-step fp32 run (checkpoints at steps 3 and 6; ``fsdp_run`` in tests/checkpoint/conftest.py) is
+the reference. Interrupted runs use the same seed and schedule; after the interruption the same command
+resumes from the last complete checkpoint.
 "Bit-exact" is checked twice: the logged losses, and every tensor of the step-6 checkpoints (model with
 its fp32 islands and buffers, AdamW state, LR schedule, dataloader position, train state).
 """
@@ -49,12 +50,10 @@ def test_optimizer_state_completed_for_a_save_changes_no_training():
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    dump = tmp_path_factory.mktemp("straight")
-    rc, log = run_train([*RESUMABLE, "--job.dump_folder", str(dump)])
-    assert rc == 0, log[-4000:]
-    assert sorted(losses(log)) == list(range(1, 7)), log[-3000:]
-    return dump, losses(log), checkpoint_state(dump / "checkpoint" / "step-6", tmp_path_factory.mktemp("pt"))
+def straight(fsdp_run, tmp_path_factory):
+    dump, logged = fsdp_run
+    assert sorted(logged) == list(range(1, 7)), logged
+    return dump, logged, checkpoint_state(dump / "checkpoint" / "step-6", tmp_path_factory.mktemp("pt"))
 
 
 def _resume_matches(dump: Path, straight, tmp: Path) -> str:

@@ -17,16 +17,12 @@ from titan_dsv4.model.hf_config import args_from_hf_config
 # Bit-exact resume runs: same seed, deterministic kernels, same schedule length. 6 steps, checkpoints at 3
 # and 6: the step-3 checkpoint is past the indexer's 2-step dense warm-up (every parameter has trained once)
 # and inside the LR warm-up (5 steps), so a resume from it carries the LR schedule across its warm-up's end.
+# fp32, so that one FSDP run (tests/checkpoint/conftest.py) is the reference of the resume tests and EP 1 of
+# the EP tests; bf16 resumes are bit-exact too (tests/e2e/test_entry_points.py, test_context_parallel_e2e.py).
 RESUMABLE = [
-    "--training.steps",
-    "6",
-    "--checkpoint.enable",
-    "--checkpoint.interval",
-    "3",
-    "--debug.seed",
-    "42",
-    "--debug.deterministic",
-]
+    "--training.steps", "6", "--checkpoint.enable", "--checkpoint.interval", "3", "--debug.seed", "42",
+    "--debug.deterministic", "--training.mixed_precision_param", "float32",
+]  # fmt: skip
 
 
 def run_with_fault(args: list[str], fault: str, mark: Path, timeout: float = 300) -> tuple[int, str]:
