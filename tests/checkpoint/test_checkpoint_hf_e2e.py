@@ -1,11 +1,11 @@
 """Hugging Face checkpoints through ``./run_train.sh`` on 2 CPU ranks: load, train, export.
 
 The same random debugmodel-shaped transformers model is stored three ways (save_pretrained, DeepSeek's
-released names with MTP extras, and released FP8/FP4 storage). Each folder is loaded once, by one of the
-routes (``--checkpoint.initial_load_path DIR --checkpoint.initial_load_in_hf`` on the command line or in the
-TOML convert_config writes; Titan's ``--model.hf_assets_path``), and the first step's loss must be
-transformers' loss on the very batch Titan feeds (fp32). The export (``--checkpoint.last_save_in_hf``) must
-load with ``DeepseekV4ForCausalLM.from_pretrained`` and give our model's logits.
+released names with MTP extras, and released FP8/FP4 storage). Each folder is loaded by one of the routes
+(``--checkpoint.initial_load_path DIR --checkpoint.initial_load_in_hf`` on the command line or in the TOML
+convert_config writes; Titan's ``--model.hf_assets_path``), at FSDP 2, pp 2 or EP 2, and the first step's loss
+must be transformers' loss on the very batch Titan feeds (fp32). The export (``--checkpoint.last_save_in_hf``)
+must load with ``DeepseekV4ForCausalLM.from_pretrained`` and give our model's logits.
 """
 
 from __future__ import annotations
@@ -109,21 +109,41 @@ def test_save_pretrained_folder_loads_and_exports_under_pp2(checkpoints, tmp_pat
 
 
 @pytest.mark.slow
-def test_fp8_fp4_released_folder_loads_dequantized_through_the_generated_toml(checkpoints, batch, tmp_path):
+def test_fp8_fp4_released_folder_through_the_generated_toml_at_ep_2_loads_and_exports(
+    checkpoints, batch, tmp_path
+):
     """The released FP8/FP4 folder (DeepSeek's names, MTP extras) through the TOML convert_config writes for
-    it: dequantized on read, each rank reads its half, and the first step is transformers' on the values
-    the storage holds. (The plain released folder trains through --model.hf_assets_path below.)"""
+    it, at EP 2: dequantized on read, each rank reads its own experts (and its FSDP half of the rest), the
+    first step is transformers' on the values the storage holds, and the export loads in transformers. (The
+    plain released folder trains through --model.hf_assets_path below.)"""
+    from transformers import DeepseekV4ForCausalLM
+
     from titan_dsv4.checkpoint.convert_config import render
 
     config = tmp_path / "from_checkpoint.toml"
     config.write_text(
         render(checkpoints["folders"]["quantized"], str(ROOT / "train_configs" / "debug_model.toml"))
     )
-    rc, log = run_train(["--config", str(config), *HF_LOAD[:4], "--job.dump_folder", str(tmp_path)])
+    rc, log = run_train(
+        [
+            "--config", str(config), *HF_LOAD[:4], "--parallelism.expert_parallel_degree", "2",
+            "--checkpoint.last_save_in_hf", "--checkpoint.last_save_model_only",
+            "--job.dump_folder", str(tmp_path / "run"),
+        ]
+    )  # fmt: skip
     assert rc == 0, log[-4000:]
     assert "released layout, 122 tensors, 3 MTP tensors not trained here, FP8/FP4 dequantized on read" in log
     assert_first_step_matches(log, transformers_loss(checkpoints["quantized_reference"], batch))
     assert_each_rank_read_its_half(log)
+    export = tmp_path / "run" / "checkpoint" / "step-1"
+    hf, info = DeepseekV4ForCausalLM.from_pretrained(
+        str(export), dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    tokens = batch[0][:2, :300]
+    with torch.no_grad():
+        diff = (our_model_from(str(export))(tokens) - hf.eval()(input_ids=tokens).logits).abs().max().item()
+    assert diff <= TOL, diff
 
 
 @pytest.mark.slow
