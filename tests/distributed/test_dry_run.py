@@ -34,57 +34,48 @@ PIPELINED = [  # (world, flags)
 
 
 def _plans(rank, world_size):
+    """The plans of CASES (without PP) and of PIPELINED, built in one process (one spawn: 4 s of imports)."""
     import torch.distributed as dist
     from torchtitan.config import ConfigManager
     from torchtitan.distributed.utils import init_fake_mode
 
     from titan_dsv4.dry_run import build_plan
 
-    plans = []
-    for config, world, replicate in CASES:
-        job = ConfigManager().parse_args(
+    flash = str(ROOT / "train_configs" / "deepseek_v4_flash.toml")
+    jobs = [
+        (
+            world,
             [
-                "--job.config_file",
-                str(ROOT / "train_configs" / config),
-                "--parallelism.data_parallel_replicate_degree",
-                str(replicate),
-                "--parallelism.expert_parallel_degree",  # FSDP alone (the configs default to EP)
-                "1",
+                "--job.config_file", str(ROOT / "train_configs" / config),
+                "--parallelism.data_parallel_replicate_degree", str(replicate),
+                "--parallelism.expert_parallel_degree", "1",  # FSDP alone (the configs default to EP)
                 *NO_PIPELINE,
-            ]
+            ],
         )
-        init_fake_mode(world, "fake_backend")
-        plans.append(build_plan(job, world))
-        dist.destroy_process_group()
-    return plans
-
-
-def _pipelined_plans(rank, world_size):
-    import torch.distributed as dist
-    from torchtitan.config import ConfigManager
-    from torchtitan.distributed.utils import init_fake_mode
-
-    from titan_dsv4.dry_run import build_plan
-
+        for config, world, replicate in CASES
+    ] + [(world, ["--job.config_file", flash, *flags]) for world, flags in PIPELINED]  # fmt: skip
     plans = []
-    for world, flags in PIPELINED:
-        config = str(ROOT / "train_configs" / "deepseek_v4_flash.toml")
-        job = ConfigManager().parse_args(["--job.config_file", config, *flags])
+    for world, flags in jobs:
+        job = ConfigManager().parse_args(flags)
         init_fake_mode(world, "fake_backend")
         plans.append(build_plan(job, world))
         dist.destroy_process_group()
-    return plans
+    return {"unpipelined": plans[: len(CASES)], "pipelined": plans[len(CASES) :]}
+
+
+@pytest.fixture(scope="module")
+def plans():
+    return run_on_ranks(_plans, 1, backend=None, timeout=300)[0]
 
 
 @pytest.mark.slow
-def test_pipelined_flash_plans_rank_0s_stages_and_reports_the_worst_rank():
+def test_pipelined_flash_plans_rank_0s_stages_and_reports_the_worst_rank(plans):
     """Pipeline rank 0 builds its stages (one, or two under Interleaved1F1B) through the train spec's
     pipelining_fn; their units give the analytic estimate's figures; the printed plan is the rank with the
     highest peak, with the pipeline's bubble and p2p bytes."""
     from titan_dsv4.dry_run import format_plan
 
-    plans = run_on_ranks(_pipelined_plans, 1, backend=None, timeout=300)[0]
-    for (world, flags), plan in zip(PIPELINED, plans):
+    for (world, flags), plan in zip(PIPELINED, plans["pipelined"]):
         assert plan["world_size"] == world
         memory = plan["memory"]
         built, analytic, reported = memory["built"], memory["analytic"], memory["estimate"]
@@ -112,12 +103,11 @@ def test_pipelined_flash_plans_rank_0s_stages_and_reports_the_worst_rank():
 
 
 @pytest.mark.slow
-def test_flash_and_pro_plans_at_64_and_256_ranks():
+def test_flash_and_pro_plans_at_64_and_256_ranks(plans):
     from titan_dsv4.flavors import deepseek_v4_args
     from titan_dsv4.model.accounting import mtp_depth_params
 
-    plans = run_on_ranks(_plans, 1, backend=None, timeout=300)[0]
-    for (config, world, replicate), plan in zip(CASES, plans):
+    for (config, world, replicate), plan in zip(CASES, plans["unpipelined"]):
         layers = 43 if "flash" in config else 61
         kinds = plan["units_by_kind"]
         assert kinds["block"]["units"] == layers
