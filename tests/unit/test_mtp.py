@@ -74,7 +74,7 @@ def test_mtp_loss_of_a_random_model_is_about_ln_vocab(debug_args):
 
 
 def test_mtp_targets_never_cross_a_document_boundary():
-    from titan_dsv4.model.model import mtp_targets_in_document
+    from titan_dsv4.model.outputs import mtp_targets_in_document
 
     tokens = torch.tensor([[5, 6, 1, 7, 8, 9, 1, 4]])  # documents end with eos = 1
     assert mtp_targets_in_document(tokens, 1, eos_id=1).tolist() == [

@@ -20,7 +20,7 @@ from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
 from torchtitan.tools.logging import logger
 
 from ..model.context import INDEXER_STATS
-from ..model.model import TrainingOutputs
+from ..model.outputs import TrainingOutputs
 
 
 def mtp_labels(labels: torch.Tensor, k: int, valid: torch.Tensor, shard=None) -> torch.Tensor:
