@@ -1,4 +1,5 @@
 """One rank's peak memory and per-step traffic for a layout: a sum of named terms over its units."""
+# Over 400 lines: the unpipelined and the per-pipeline-rank estimate share their private terms (one module).
 
 from __future__ import annotations
 
@@ -147,7 +148,37 @@ def estimate(
     if layout.pp > 1:
         return pipeline_estimate(a, layout, training, units, mtp_layers, pp_rank, cache)
     units, from_shapes = _with_mtp_units(a, layout, training, units, mtp_layers)
-    acts = activations or activation_estimate(a, training, mtp_layers)
+    return _from_units(
+        layout,
+        training,
+        units,
+        buffers=buffer_bytes(a, training.seq_len),
+        activations=activations or activation_estimate(a, training, mtp_layers),
+        collectives={
+            **fsdp_traffic(units, training),
+            "all_to_all": all_to_all_bytes(a, layout, training, mtp_layers),
+            **({"cp_exchange": cp_exchange_bytes(a, training, mtp_layers)} if layout.cp > 1 else {}),
+        },
+        mtp_layers=mtp_layers,
+        from_shapes=from_shapes,
+    )
+
+
+def _from_units(
+    layout: Layout,
+    training: Training,
+    units: list[Unit],
+    *,
+    buffers: int,
+    activations: Activations,
+    collectives: dict[str, float],
+    mtp_layers: int,
+    from_shapes: bool,
+    accumulated: int = 0,
+    pipeline: PipelineFigures | None = None,
+) -> Estimate:
+    """What every estimate reads off its FSDP units (sharded state, the largest unit, FSDP's gathers, plus
+    ``accumulated``: a pipeline's unsharded gradients); the caller gives the terms that differ."""
     local = 0 if training.cpu_offload else sum(u.local_numel * u.storage_bytes for u in units)
     largest = max(units, key=lambda u: u.unsharded_bytes)
     kept, forward, backward = fsdp_unsharded(units) if layout.data_parallel else (0, 0, 0)
@@ -157,20 +188,17 @@ def estimate(
         parameters=local,
         gradients=local,
         optimizer=2 * local,
-        buffers=buffer_bytes(a, training.seq_len),
+        buffers=buffers,
         kept_unsharded=kept,
         fsdp_forward=forward,
-        fsdp_backward=backward,
+        fsdp_backward=backward + accumulated,
         largest_unit=f"{largest.name}, {_DTYPE_NAMES.get(largest.compute_bytes, '?')}",
         largest_unit_bytes=largest.unsharded_bytes,
-        activations=acts,
-        collectives={
-            **fsdp_traffic(units, training),
-            "all_to_all": all_to_all_bytes(a, layout, training, mtp_layers),
-            **({"cp_exchange": cp_exchange_bytes(a, training, mtp_layers)} if layout.cp > 1 else {}),
-        },
+        activations=activations,
+        collectives=collectives,
         mtp_layers=mtp_layers,
         mtp_from_shapes=from_shapes,
+        pipeline=pipeline,
     )
 
 
@@ -272,27 +300,15 @@ def _pipeline_rank(
         blocks=tuple(b for s in stages for b in acts[s].blocks),
         outside=sum(acts[s].outside for s in stages),
     )
-    local = 0 if training.cpu_offload else sum(u.local_numel * u.storage_bytes for u in units)
-    largest = max(units, key=lambda u: u.unsharded_bytes)
-    kept = forward = backward = accumulated = 0
-    if layout.data_parallel:
-        kept, forward, backward = fsdp_unsharded(units)
-        accumulated = sum(u.gathered_numel * u.reduce_bytes for u in units)
-        backward += accumulated
+    # FSDP keeps a stage's gradients unsharded across its microbatches (reduced once at the end)
+    accumulated = sum(u.gathered_numel * u.reduce_bytes for u in units) if layout.data_parallel else 0
     layers = [i for s in stages for i in plan.layers(s)]
     moe_units = len(layers) + (running_mtp_layers(a, mtp_layers) if holds_last else 0)
-    return Estimate(
-        layout=layout,
-        training=training,
-        parameters=local,
-        gradients=local,
-        optimizer=2 * local,
+    return _from_units(
+        layout,
+        training,
+        units,
         buffers=stage_buffer_bytes(a, training.seq_len, layers, mtp_layers if holds_last else 0, len(stages)),
-        kept_unsharded=kept,
-        fsdp_forward=forward,
-        fsdp_backward=backward,
-        largest_unit=f"{largest.name}, {_DTYPE_NAMES.get(largest.compute_bytes, '?')}",
-        largest_unit_bytes=largest.unsharded_bytes,
         activations=activations,
         collectives={
             **fsdp_traffic(units, training, pipelined=True),
@@ -300,7 +316,8 @@ def _pipeline_rank(
             "p2p": float(plan.p2p_sent(rank, *boundary_bytes(a, micro, mtp_layers))),
         },
         mtp_layers=mtp_layers,
-        mtp_from_shapes=from_shapes,
+        from_shapes=from_shapes,
+        accumulated=accumulated,
         pipeline=PipelineFigures(
             schedule=plan.schedule,
             stages=plan.n_stages,
