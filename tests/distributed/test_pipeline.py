@@ -68,24 +68,12 @@ def _stages(parallel, ep: int, mixed: str, schedule: str):
 
 def _one_step(parallel, ep: int, schedule: str, ref) -> dict:
     """One schedule step from the reference's weights, as Titan's trainer calls it: {parameter: gradient}."""
-    from torch.distributed.tensor import distribute_tensor
-
-    from tests.helpers.sharded import full_grads
-    from titan_dsv4.infra.fsdp_units import canonical_name
+    from tests.helpers.sharded import copy_weights, full_grads
 
     schedule_, parts, first, last = _stages(parallel, ep, "float32", schedule)
-    params, buffers = dict(ref.named_parameters()), dict(ref.named_buffers())
     for part in parts:
-        part.to_empty(device="cpu")
-        part.init_weights()
+        copy_weights(ref, part)
         part.train()
-        with torch.no_grad():
-            for name, p in part.named_parameters():
-                full = params[canonical_name(name)].detach()
-                p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())
-            for name, b in part.named_buffers():
-                if canonical_name(name) in buffers:
-                    b.copy_(buffers[canonical_name(name)])
     inputs, labels = _global_batch(2)
     dp_rank = parallel.get_mesh("fsdp").get_local_rank()
     rows = slice(dp_rank * LOCAL_BATCH, (dp_rank + 1) * LOCAL_BATCH)

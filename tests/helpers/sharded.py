@@ -57,26 +57,33 @@ def reference_model(args, seed: int = 0):
 def parallelized_copy(ref, parallel_dims, job_config, buffers_from=None):
     """A meta model parallelized like the Trainer does, then given ``ref``'s weights and the buffers of
     ``buffers_from`` (default ``ref``)."""
-    from torch.distributed.tensor import distribute_tensor
-
-    from titan_dsv4.infra.fsdp_units import canonical_name
     from titan_dsv4.infra.parallelize import parallelize_deepseek_v4
     from titan_dsv4.model import DeepSeekV4Model
 
     with torch.device("meta"):
         model = DeepSeekV4Model(ref.model_args.replace())
     parallelize_deepseek_v4(model, parallel_dims, job_config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    copy_weights(ref, model, buffers_from)
+    return model
+
+
+def copy_weights(ref, part, buffers_from=None) -> None:
+    """Materializes a parallelized meta ``part`` (a whole model or a pipeline stage) with ``ref``'s weights
+    (each rank its shard) and the buffers of ``buffers_from`` (default ``ref``) that it holds."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from titan_dsv4.infra.fsdp_units import canonical_name
+
+    part.to_empty(device="cpu")
+    part.init_weights()
     params, buffers = dict(ref.named_parameters()), dict((buffers_from or ref).named_buffers())
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in part.named_parameters():
             full = params[canonical_name(name)].detach()
             p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())
-        for name, b in model.named_buffers():
+        for name, b in part.named_buffers():
             if canonical_name(name) in buffers:
                 b.copy_(buffers[canonical_name(name)])
-    return model
 
 
 def sample(rank: int, length: int, seed: int = 100, vocab: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
