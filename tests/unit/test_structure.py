@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[2] / "titan_dsv4"
 
 _PROBE = r"""
@@ -49,31 +51,52 @@ EVERY_MODULE = sorted(
 )
 
 
-def _probe(mode: str, modules: list[str]) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE, mode, ",".join(modules)], capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+EVERY_IMPORT = ["titan_dsv4", *EVERY_MODULE, "titan_dsv4.train", "titan_dsv4.dry_run", "titan_dsv4.preflight"]
+PROBES = {  # name: (machine, modules imported by a fresh interpreter)
+    "every module": ("cpu", EVERY_IMPORT),
+    "stock entry": ("cpu", ["titan_dsv4.stock"]),
+    "stock entry with an accelerator": ("accelerator", ["titan_dsv4.stock"]),
+}
 
 
-def test_importing_the_package_and_every_module_applies_nothing():
+@pytest.fixture(scope="module")
+def probes() -> dict[str, dict]:
+    """Each probe's answer; the fresh interpreters run side by side (each spends seconds importing)."""
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", _PROBE, mode, ",".join(modules)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (mode, modules) in PROBES.items()
+    }
+    answers = {}
+    for name, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err[-3000:]
+        answers[name] = json.loads(out.strip().splitlines()[-1])
+    return answers
+
+
+def test_importing_the_package_and_every_module_applies_nothing(probes):
     """torch, the profiler, destroy_process_group, Titan's DATASETS, logger and device stay as they were
     (after every module, so after any one of them: a notebook's ``import titan_dsv4.model.kernels`` too)."""
-    modules = ["titan_dsv4", *EVERY_MODULE, "titan_dsv4.train", "titan_dsv4.dry_run", "titan_dsv4.preflight"]
-    result = _probe("cpu", modules)
-    assert result == {"changed": [], "applied": []}
+    assert probes["every module"] == {"changed": [], "applied": []}
 
 
-def test_the_stock_entry_module_applies_the_cpu_support_and_nothing_else():
-    result = _probe("cpu", ["titan_dsv4.stock"])
+def test_the_stock_entry_module_applies_the_cpu_support_and_nothing_else(probes):
+    result = probes["stock entry"]
     assert result["applied"] == ["device", "profiler"]
     # the listed patches (and the device Titan copied at its import) and nothing else
     assert result["changed"] == ["device", "device_module", "profiler", "titan_device"]
 
 
-def test_the_cpu_support_changes_nothing_with_an_accelerator():
-    assert _probe("accelerator", ["titan_dsv4.stock"]) == {"changed": [], "applied": []}
+def test_the_cpu_support_changes_nothing_with_an_accelerator(probes):
+    assert probes["stock entry with an accelerator"] == {"changed": [], "applied": []}
 
 
 def _module_name(path: Path) -> str:
