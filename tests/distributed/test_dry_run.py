@@ -1,5 +1,6 @@
-"""Dry runs at scale with Titan's fake backend: Flash and Pro on the meta device, 64 and 256 ranks, and the
-pipelined Flash (the shipped config, and a looped schedule whose rank holds two stages)."""
+"""Dry runs at scale with Titan's fake backend: Flash and Pro on the meta device, 64 and 256 ranks, the built
+plan against the trainer's analytic estimate (with EP, HSDP, padding), and the pipelined Flash (the shipped
+config, and a looped schedule whose rank holds two stages)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,15 @@ CASES = [  # (config, world, dp_replicate)
     ("deepseek_v4_pro.toml", 64, 1),
     ("deepseek_v4_pro.toml", 256, 4),
 ]
+# Built plan vs the trainer's analytic estimate (config, world, ep, dp_replicate): with and without EP, HSDP,
+# padding, experts sharded on dim 1
+LAYOUTS = [
+    ("deepseek_v4_flash.toml", 128, 8, 1),
+    ("deepseek_v4_flash.toml", 128, 1, 1),
+    ("deepseek_v4_flash.toml", 128, 8, 2),
+    ("deepseek_v4_flash.toml", 112, 16, 1),  # 16 experts per EP rank over efsdp 7: padded to 21
+    ("deepseek_v4_pro.toml", 512, 64, 1),  # efsdp 8 x ep 64 > 384 experts: Shard(1)
+]
 # The shipped configs pipeline; the cases above plan them without PP.
 NO_PIPELINE = ["--parallelism.pipeline_parallel_degree", "1", "--training.local_batch_size", "1"]
 # Flash at pp 4 x EP 64 on 256 ranks, 4 microbatches: with 1F1B, and Interleaved1F1B (8 stages)
@@ -34,38 +44,74 @@ PIPELINED = [  # (world, flags)
 
 
 def _plans(rank, world_size):
-    """The plans of CASES (without PP) and of PIPELINED, built in one process (one spawn: 4 s of imports)."""
+    """The plans of CASES, LAYOUTS and PIPELINED, built in one process (one spawn: 4 s of imports)."""
     import torch.distributed as dist
     from torchtitan.config import ConfigManager
     from torchtitan.distributed.utils import init_fake_mode
 
     from titan_dsv4.dry_run import build_plan
 
-    flash = str(ROOT / "train_configs" / "deepseek_v4_flash.toml")
-    jobs = [
-        (
-            world,
-            [
-                "--job.config_file", str(ROOT / "train_configs" / config),
-                "--parallelism.data_parallel_replicate_degree", str(replicate),
-                "--parallelism.expert_parallel_degree", "1",  # FSDP alone (the configs default to EP)
-                *NO_PIPELINE,
-            ],
-        )
-        for config, world, replicate in CASES
-    ] + [(world, ["--job.config_file", flash, *flags]) for world, flags in PIPELINED]  # fmt: skip
+    def config(name: str) -> list[str]:
+        return ["--job.config_file", str(ROOT / "train_configs" / name)]
+
+    unpipelined = [
+        (world, [*config(name), "--parallelism.data_parallel_replicate_degree", str(replicate),
+                 "--parallelism.expert_parallel_degree", "1", *NO_PIPELINE])  # FSDP alone (configs use EP)
+        for name, world, replicate in CASES
+    ]  # fmt: skip
+    layouts = [
+        (world, [*config(name), *NO_PIPELINE, "--parallelism.expert_parallel_degree", str(ep),
+                 "--parallelism.data_parallel_replicate_degree", str(replicate)])
+        for name, world, ep, replicate in LAYOUTS
+    ]  # fmt: skip
+    pipelined = [(world, [*config("deepseek_v4_flash.toml"), *flags]) for world, flags in PIPELINED]
+    jobs = unpipelined + layouts + pipelined
     plans = []
     for world, flags in jobs:
         job = ConfigManager().parse_args(flags)
         init_fake_mode(world, "fake_backend")
         plans.append(build_plan(job, world))
         dist.destroy_process_group()
-    return {"unpipelined": plans[: len(CASES)], "pipelined": plans[len(CASES) :]}
+    n, m = len(CASES), len(CASES) + len(LAYOUTS)
+    return {"unpipelined": plans[:n], "layouts": plans[n:m], "pipelined": plans[m:]}
 
 
 @pytest.fixture(scope="module")
 def plans():
     return run_on_ranks(_plans, 1, backend=None, timeout=300)[0]
+
+
+@pytest.mark.slow
+def test_analytic_estimate_matches_the_built_unit_plan(plans):
+    """The trainer's check (shapes only) and the dry run's parallelized meta model give the same figures,
+    FSDP2's padding included (they agree exactly; 0.1% is the rounding of the GiB figures)."""
+    memories = [plan["memory"] for plan in plans["layouts"]]
+    for (config, world, ep, replicate), memory in zip(LAYOUTS, memories):
+        built, analytic = memory["estimate"], memory["analytic"]
+        assert built["layout"] == analytic["layout"] == {**built["layout"], "world": world, "ep": ep}
+        for part in ("parameters", "largest_unit", "fsdp_forward", "fsdp_backward", "peak"):
+            assert built["memory_gib"][part] == pytest.approx(analytic["memory_gib"][part], rel=1e-3), (
+                config,
+                world,
+                ep,
+                replicate,
+                part,
+            )
+        for collective, gib in built["communication_gib_per_step"].items():
+            assert gib == pytest.approx(
+                analytic["communication_gib_per_step"][collective], rel=1e-3, abs=1e-3
+            )
+        traffic = built["communication_gib_per_step"]
+        assert (traffic["all_to_all"] > 0) == (ep > 1)
+        assert (traffic["all_reduce"] > 0) == (replicate > 1)
+        assert built["mtp_layers"] == 1  # from the built model, or from shapes until it has an MTP module
+    flash_ep1, flash_ep8 = memories[1]["estimate"], memories[0]["estimate"]
+    # EP gathers an eighth of the experts per rank: the all-gather volume drops by about 8x.
+    ratio = (
+        flash_ep1["communication_gib_per_step"]["all_gather"]
+        / flash_ep8["communication_gib_per_step"]["all_gather"]
+    )
+    assert 6 < ratio < 8
 
 
 @pytest.mark.slow
