@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -64,7 +64,7 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 240.0, backend: st
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
             _entry,
-            args=(fn, world_size, _free_port(), out_dir, args, backend),
+            args=(fn, world_size, free_port(), out_dir, args, backend),
             nprocs=world_size,
             join=False,
             start_method="spawn",

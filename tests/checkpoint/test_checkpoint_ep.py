@@ -10,11 +10,7 @@ import shutil
 
 import pytest
 
-from tests.helpers.titan_runs import (
-    RESUMABLE,
-    checkpoint_state,
-    differences,
-)
+from tests.helpers.titan_runs import RESUMABLE, checkpoint_state, differences
 from titan_dsv4.launch import losses, run_train
 
 EP2 = ["--parallelism.expert_parallel_degree", "2"]

@@ -54,18 +54,15 @@ def _plans(rank, world_size):
     def config(name: str) -> list[str]:
         return ["--job.config_file", str(ROOT / "train_configs" / name)]
 
-    unpipelined = [
-        (world, [*config(name), "--parallelism.data_parallel_replicate_degree", str(replicate),
-                 "--parallelism.expert_parallel_degree", "1", *NO_PIPELINE])  # FSDP alone (configs use EP)
-        for name, world, replicate in CASES
-    ]  # fmt: skip
-    layouts = [
-        (world, [*config(name), *NO_PIPELINE, "--parallelism.expert_parallel_degree", str(ep),
-                 "--parallelism.data_parallel_replicate_degree", str(replicate)])
-        for name, world, ep, replicate in LAYOUTS
-    ]  # fmt: skip
+    def unpipelined(name: str, ep: int, replicate: int) -> list[str]:
+        return [*config(name), *NO_PIPELINE, "--parallelism.expert_parallel_degree", str(ep),
+                "--parallelism.data_parallel_replicate_degree", str(replicate)]  # fmt: skip
+
+    # CASES: FSDP alone (the configs default to EP)
+    fsdp_alone = [(world, unpipelined(name, 1, replicate)) for name, world, replicate in CASES]
+    layouts = [(world, unpipelined(name, ep, replicate)) for name, world, ep, replicate in LAYOUTS]
     pipelined = [(world, [*config("deepseek_v4_flash.toml"), *flags]) for world, flags in PIPELINED]
-    jobs = unpipelined + layouts + pipelined
+    jobs = fsdp_alone + layouts + pipelined
     plans = []
     for world, flags in jobs:
         job = ConfigManager().parse_args(flags)

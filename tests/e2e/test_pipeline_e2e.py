@@ -75,19 +75,14 @@ def single(tmp_path_factory):
     return root, seed, _figures(log, range(1, STEPS + 1))
 
 
-def _pp2(single, schedule: str):
-    """A pp 2 run of 8 steps from the seed checkpoint; (its folder, args, figures)."""
-    root, seed, expected = single
-    folder = root / schedule
-    args = [*_common(seed), *PP2, "--parallelism.pipeline_parallel_schedule", schedule]
-    code, log = run_train([*args, "--job.dump_folder", str(folder)])
-    assert code == 0 and log.count("Process group destroyed") == 2, log[-4000:]
-    return folder, args, _figures(log, range(1, STEPS + 1))
-
-
 @pytest.fixture(scope="module")
 def one_f_one_b(single):
-    return _pp2(single, "1F1B")
+    """pp 2 with 1F1B, 8 steps from the seed checkpoint: (its folder, args, figures)."""
+    root, seed, _ = single
+    args = [*_common(seed), *PP2, "--parallelism.pipeline_parallel_schedule", "1F1B"]
+    code, log = run_train([*args, "--job.dump_folder", str(root / "1F1B")])
+    assert code == 0 and log.count("Process group destroyed") == 2, log[-4000:]
+    return root / "1F1B", args, _figures(log, range(1, STEPS + 1))
 
 
 def test_pp2_1f1b_gives_the_single_process_figures_and_resumes_bit_exactly(single, one_f_one_b):

@@ -24,7 +24,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from titan_dsv4.multiprocess import _free_port, set_up_rank
+from titan_dsv4.multiprocess import free_port, set_up_rank
 
 
 def _serve(rank: int, world_size: int, port: int, tasks, results) -> None:
@@ -52,7 +52,7 @@ class RankPool:
     def _start(self, world_size: int):
         if world_size not in self._pools:
             ctx = mp.get_context("spawn")
-            queues, results, port = [ctx.Queue() for _ in range(world_size)], ctx.Queue(), _free_port()
+            queues, results, port = [ctx.Queue() for _ in range(world_size)], ctx.Queue(), free_port()
             procs = [
                 # not daemonic: a rank may start processes of its own (inductor's compile workers)
                 ctx.Process(target=_serve, args=(r, world_size, port, queues[r], results))

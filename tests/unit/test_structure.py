@@ -44,13 +44,16 @@ print(json.dumps({"changed": sorted(k for k in before if before[k] != after[k] o
                   "applied": list(__import__("titan_dsv4.cpu").cpu.applied())}))
 """
 
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+
+
 EVERY_MODULE = sorted(
-    ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+    _module_name(p)
     for p in PACKAGE.rglob("*.py")
     if p.name != "stock.py"  # the module whose import is the explicit request (tested below)
 )
-
-
 EVERY_IMPORT = ["titan_dsv4", *EVERY_MODULE, "titan_dsv4.train", "titan_dsv4.dry_run", "titan_dsv4.preflight"]
 PROBES = {  # name: (machine, modules imported by a fresh interpreter)
     "every module": ("cpu", EVERY_IMPORT),
@@ -60,8 +63,9 @@ PROBES = {  # name: (machine, modules imported by a fresh interpreter)
 
 
 @pytest.fixture(scope="module")
-def probes() -> dict[str, dict]:
-    """Each probe's answer; the fresh interpreters run side by side (each spends seconds importing)."""
+def runs() -> dict[str, tuple[int, str, str]]:
+    """Each probe's (exit code, stdout, stderr); the fresh interpreters run side by side (each spends
+    seconds importing) and none outlives the fixture."""
     procs = {
         name: subprocess.Popen(
             [sys.executable, "-c", _PROBE, mode, ",".join(modules)],
@@ -71,36 +75,35 @@ def probes() -> dict[str, dict]:
         )
         for name, (mode, modules) in PROBES.items()
     }
-    answers = {}
-    for name, proc in procs.items():
-        try:
-            out, err = proc.communicate(timeout=300)
-        finally:
+    try:
+        outputs = {name: proc.communicate(timeout=300) for name, proc in procs.items()}
+        return {name: (procs[name].returncode, *outputs[name]) for name in procs}
+    finally:
+        for proc in procs.values():
             proc.kill()
-        assert proc.returncode == 0, err[-3000:]
-        answers[name] = json.loads(out.strip().splitlines()[-1])
-    return answers
 
 
-def test_importing_the_package_and_every_module_applies_nothing(probes):
+def _probe(runs, name: str) -> dict:
+    code, out, err = runs[name]
+    assert code == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_importing_the_package_and_every_module_applies_nothing(runs):
     """torch, the profiler, destroy_process_group, Titan's DATASETS, logger and device stay as they were
     (after every module, so after any one of them: a notebook's ``import titan_dsv4.model.kernels`` too)."""
-    assert probes["every module"] == {"changed": [], "applied": []}
+    assert _probe(runs, "every module") == {"changed": [], "applied": []}
 
 
-def test_the_stock_entry_module_applies_the_cpu_support_and_nothing_else(probes):
-    result = probes["stock entry"]
+def test_the_stock_entry_module_applies_the_cpu_support_and_nothing_else(runs):
+    result = _probe(runs, "stock entry")
     assert result["applied"] == ["device", "profiler"]
     # the listed patches (and the device Titan copied at its import) and nothing else
     assert result["changed"] == ["device", "device_module", "profiler", "titan_device"]
 
 
-def test_the_cpu_support_changes_nothing_with_an_accelerator(probes):
-    assert probes["stock entry with an accelerator"] == {"changed": [], "applied": []}
-
-
-def _module_name(path: Path) -> str:
-    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+def test_the_cpu_support_changes_nothing_with_an_accelerator(runs):
+    assert _probe(runs, "stock entry with an accelerator") == {"changed": [], "applied": []}
 
 
 def _is_module(name: str) -> bool:
