@@ -2,13 +2,54 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
+
+
+@contextlib.contextmanager
+def topk_ties_by_index():
+    """``Tensor.topk`` whose ties go to the lower index (a stable sort): our indexer's documented rule.
+
+    torch promises no order among equal values, and ReLU makes exact-zero indexer scores common, so
+    transformers' picks among ties are whatever CPU topk returns; its reference runs under this rule.
+    """
+    original = torch.Tensor.topk
+
+    def topk(self, k, dim=-1, largest=True, sorted=True):
+        values, indices = torch.sort(self, dim=dim, descending=largest, stable=True)
+        return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
+
+    torch.Tensor.topk = topk
+    try:
+        yield
+    finally:
+        torch.Tensor.topk = original
+
+
+def _indexer_ties_by_index() -> None:
+    """transformers' Lightning Indexer forward under ``topk_ties_by_index`` (once per process)."""
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf
+
+    forward = hf.DeepseekV4Indexer.forward
+    if getattr(forward, "ties_by_index", False):
+        return
+
+    @functools.wraps(forward)
+    def wrapped(*args, **kwargs):
+        with topk_ties_by_index():
+            return forward(*args, **kwargs)
+
+    wrapped.ties_by_index = True
+    hf.DeepseekV4Indexer.forward = wrapped
 
 
 def build_hf_model(config: dict, seed: int = 0):
     """A transformers DeepseekV4ForCausalLM in fp32 with every parameter and buffer randomised."""
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
+    _indexer_ties_by_index()
     cfg = dict(config)
     cfg.pop("model_type", None)
     hf_config = DeepseekV4Config(**cfg)

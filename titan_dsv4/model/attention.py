@@ -1,7 +1,8 @@
 """DeepSeek-V4 attention: shared-KV MQA over a sliding window plus compressed entries (CSA / HCA).
 
 The kernels (``kernels.py``): the dense masked reference over [S window keys | T compressed entries]
-and the sparse fast path that reproduces it without [S x S] tensors; ``attn_impl`` picks one.
+and the sparse fast path that reproduces it without [S x S] tensors; the fused Triton kernels
+(``triton_attention.py``, ``triton_indexer.py``); ``attn_impl`` picks one.
 Packed documents (``context.docs``) keep every window, entry and pick inside the query's document.
 The compressors pool with ``compression.py``; CSA's Lightning Indexer is ``indexer.py``.
 """
@@ -20,6 +21,13 @@ from .kernels import ATTENTION_KERNELS, CompressedKV
 from .layers import ParamHolder, RMSNorm, apply_rope, unweighted_rms_norm
 
 RECALL_QUERIES = 32  # queries per row whose indexer recall is measured (training only, no gradient)
+
+
+def triton_attention(*args, **kwargs):
+    """``triton_attention.triton_attention`` (Triton is imported at the first call, not with the model)."""
+    from .triton_attention import triton_attention as kernel
+
+    return kernel(*args, **kwargs)
 
 
 class Compressor(nn.Module):
@@ -135,7 +143,7 @@ class Attention(nn.Module):
         self.sinks_param = ParamHolder(args.n_heads)
         self.compressor = Compressor(args, self.kind) if self.kind in (CSA, HCA) else None
         # The attention math, a plain function (no parameters, no FSDP units): what compile wraps.
-        self.attention_kernel = ATTENTION_KERNELS[args.attn_impl]
+        self.attention_kernel = {**ATTENTION_KERNELS, "triton": triton_attention}[args.attn_impl]
         self.fp32_logits = "attention_logits" in args.fp32_compute
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -14,8 +14,15 @@ from .args import DeepSeekV4ModelArgs
 from .compression import entry_rope, gated_pool, gated_pool_windows, pool_slots
 from .context import ForwardContext
 from .documents import CompressionWindows
+from .errors import ConfigError
 from .layers import ParamHolder, RMSNorm, apply_rope
 from .sequence_shard import SlotLayout
+
+TRITON_NEEDS_RANGES = (
+    "deepseek_v4.attn_impl='triton' with packed documents (block_causal) under context parallelism: the "
+    "Triton indexer takes each query's visible entries as one range, and a document's slots on a CP shard "
+    "may be empty; use --deepseek_v4.attn_impl sparse for this layout"
+)
 
 
 @dataclass
@@ -50,6 +57,8 @@ class Indexer(nn.Module):
         self.score_budget = 1 << 24  # score elements per query chunk (64 MiB of fp32)
         self.learns = args.indexer_loss_weight > 0
         self.requires_grad_(self.learns)
+        # attn_impl "triton": picks and the sparse stage's KL scores by the Triton kernels (triton_indexer.py)
+        self.triton = args.attn_impl == "triton"
 
     def scoring(
         self,
@@ -83,7 +92,7 @@ class Indexer(nn.Module):
         return IndexerScoring(keys, q, head_w, query_pos=query_pos)
 
     def _chunk(self, B: int, T: int) -> int:
-        """Queries per chunk: only [chunk, nI, T] scores live at once, never [S, nI, T]."""
+        """Queries per chunk when a chunk holds [chunk, nI, T] scores at once (the KL), never [S, nI, T]."""
         return max(1, self.score_budget // max(1, B * self.n_heads * T))
 
     def _scores(self, q: torch.Tensor, keys: torch.Tensor, head_w: torch.Tensor) -> torch.Tensor:
@@ -92,19 +101,58 @@ class Indexer(nn.Module):
         scores = F.relu(scores) * self.head_dim**-0.5
         return (scores * head_w.unsqueeze(-1)).sum(dim=2)
 
+    def _pick_tiles(self, B: int, S: int, T: int, k: int) -> tuple[int, int, int]:
+        """(queries per chunk c, entries per span, entries per tile) for ``pick``.
+
+        A tile's [B, c, nI, tile] per-head scores stay within ``score_budget``, a span's [B, c, span] summed
+        scores (and its selection's few temporaries of that shape) within a quarter of it. A chunk holds as
+        many queries as a span of all T entries allows, not ``budget / (nI T)`` (about one query at long
+        context); a span shorter than T (only when one query's T scores exceed that quarter) merges its
+        top-k into the running candidates. The number of tiles scored, S T B nI / budget, is the same.
+        """
+        budget = self.score_budget
+        summed = max(1, budget // 4)  # the span's selection keeps a few [B, c, span] temporaries
+        c = max(1, min(S, summed // max(1, B * T), budget // max(1, B * self.n_heads)))
+        span = min(T, max(k, summed // (B * c)))
+        tile = min(span, max(1, budget // (B * self.n_heads * c)))
+        return c, span, tile
+
+    def _top_k_rows(
+        self, q: torch.Tensor, keys: torch.Tensor, head_w: torch.Tensor, allowed: torch.Tensor, k: int
+    ) -> torch.Tensor:
+        """[B, c, k] picks (ascending, -1 last) of queries q [B, c, nI, dI] among keys [B, T, dI] (fp32)
+        that ``allowed`` [B, c, T] lets them see, under ``pick``'s rule; scored a tile at a time."""
+        B, c = q.shape[:2]
+        T = keys.shape[1]
+        _, span, tile = self._pick_tiles(B, c, T, k)
+        best_s = best_i = None
+        for s0 in range(0, T, span):
+            s1 = min(s0 + span, T)
+            parts = [self._scores(q, keys[:, t0 : min(t0 + tile, s1)], head_w) for t0 in range(s0, s1, tile)]
+            scores = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+            scores = scores.masked_fill(~allowed[..., s0:s1], float("-inf"))
+            index = torch.arange(s0, s1, device=q.device).expand(B, c, s1 - s0)
+            if best_s is not None:  # candidates so far have lower indices than this span: order holds
+                scores, index = torch.cat([best_s, scores], dim=-1), torch.cat([best_i, index], dim=-1)
+            best_s, best_i = _top_k_low_ties(scores, index, k)
+        return best_i
+
     @torch.no_grad()
     def pick_per_document(
         self, s: IndexerScoring, ctx: ForwardContext, entry_docs: torch.Tensor
     ) -> torch.Tensor:
         """``pick`` for packed documents: each document's queries score exactly its own entries, as when the
-        document is a row of its own (top-k breaks ReLU's exact-zero ties by the row it is given, so a
-        packed document picks what it picks alone). ``entry_docs`` [B, T]: each entry's document (-1 for
-        none); a document's entries are in order, and contiguous except under context parallelism, where
-        empty slots may lie between them. Picks index the row's entries; -1 = none."""
+        document is a row of its own (``pick``'s rule, so a packed document picks what it picks alone).
+        ``entry_docs`` [B, T]: each entry's document (-1 for none); a document's entries are in order, and
+        contiguous except under context parallelism, where empty slots may lie between them. Picks index
+        the row's entries, ascending, -1 (none) last."""
         B, S = s.q.shape[:2]
         T = s.keys.shape[1]
+        if self.triton:
+            return self._triton_pick_per_document(s, ctx.docs, entry_docs)
         picks = torch.full((B, S, min(self.topk, T)), -1, dtype=torch.long, device=s.q.device)
         docs = ctx.docs
+        all_keys = s.keys.float()
         for b in range(B):
             for d in torch.unique(docs.doc_ids[b]).tolist():
                 entries = torch.nonzero(entry_docs[b] == d).flatten()
@@ -113,38 +161,62 @@ class Indexer(nn.Module):
                 n = entries.numel()
                 e0 = int(entries[0])
                 contiguous = int(entries[-1]) - e0 + 1 == n
-                keys = s.keys[b : b + 1, e0 : e0 + n] if contiguous else s.keys[b : b + 1, entries]
+                keys = all_keys[b : b + 1, e0 : e0 + n] if contiguous else all_keys[b : b + 1, entries]
                 queries = torch.nonzero(docs.doc_ids[b] == d).flatten()
                 q0, q1 = int(queries[0]), int(queries[-1]) + 1
-                step = self._chunk(1, n)
+                k = min(self.topk, n)
+                step = self._pick_tiles(1, q1 - q0, n, k)[0]
                 for i in range(q0, q1, step):
                     j = min(i + step, q1)
-                    scores = self._scores(s.q[b : b + 1, i:j], keys, s.head_w[b : b + 1, i:j])
                     local = (docs.positions[b, i:j] + 1) // self.ratio
-                    allowed = torch.arange(n, device=s.q.device)[None, :] < local[:, None]
-                    picked = (
-                        scores[0].masked_fill(~allowed, float("-inf")).topk(min(self.topk, n), dim=-1).indices
-                    )
-                    picks[b, i:j, : picked.shape[1]] = torch.where(
-                        allowed.gather(-1, picked), entries[picked], -1
-                    )
+                    allowed = torch.arange(n, device=s.q.device)[None, None, :] < local[None, :, None]
+                    picked = self._top_k_rows(s.q[b : b + 1, i:j], keys, s.head_w[b : b + 1, i:j], allowed, k)
+                    picks[b, i:j, :k] = torch.where(picked >= 0, entries[picked.clamp(min=0)], -1)[0]
         return picks
+
+    def _triton_pick_per_document(self, s: IndexerScoring, docs, entry_docs: torch.Tensor) -> torch.Tensor:
+        """``pick_per_document`` by the Triton kernel: a query's visible entries are one range, its
+        document's first entry on (a row's entries are grouped by document, in order; -1 pads the end)."""
+        if s.query_pos is not None:  # under context parallelism empty slots may lie inside a document
+            raise ConfigError(TRITON_NEEDS_RANGES)
+        from .triton_indexer import topk_picks
+
+        ordered = torch.where(entry_docs >= 0, entry_docs, torch.iinfo(entry_docs.dtype).max).contiguous()
+        first = torch.searchsorted(ordered, docs.doc_ids.contiguous())
+        end = torch.searchsorted(ordered, docs.doc_ids.contiguous(), right=True)
+        hi = torch.minimum(end, first + (docs.positions + 1) // self.ratio)
+        return topk_picks(s.q, s.keys, s.head_w, self.topk, first, hi, budget=self.score_budget)
 
     @torch.no_grad()
     def pick(self, s: IndexerScoring, seen: torch.Tensor | None) -> torch.Tensor:
-        """Top-k compressed-entry indices per query [B, S, k]; -1 marks "select nothing".
+        """Top-k compressed-entry indices per query [B, S, k], k = min(index_topk, T); -1 = "select nothing".
 
-        ``seen`` [B, S, T] is the visibility when not the causal rule; None means the causal rule.
+        The rule (exact, whatever order ``topk`` gives equal scores): a query picks the k highest scores
+        among the entries it may see, equal scores broken toward the lower entry index; it never picks an
+        entry it may not see, and seeing fewer than k, it fills the rest with -1. Picks are in ascending
+        entry order, -1s last. ``seen`` [B, S, T] is the visibility when not the causal rule; None means the
+        causal rule (by ``s.query_pos`` under context parallelism).
+
+        Queries go in chunks and entries in tiles (``_pick_tiles``), each tile's [B, c, nI, tile] scores
+        within ``score_budget``; no host synchronisation.
         """
         B, S = s.q.shape[:2]
         T = s.keys.shape[1]
+        if self.triton:
+            from .triton_indexer import causal_ranges, topk_picks
+
+            if seen is not None:
+                raise ConfigError(TRITON_NEEDS_RANGES)
+            lo, hi = causal_ranges(B, S, T, self.ratio, s.q.device, s.query_pos)
+            return topk_picks(s.q, s.keys, s.head_w, self.topk, lo, hi, budget=self.score_budget)
+        k = min(self.topk, T)
+        keys = s.keys.float()
+        step = self._pick_tiles(B, S, T, k)[0]
         picks = []
-        for i in range(0, S, self._chunk(B, T)):
-            q, head_w = s.q[:, i : i + self._chunk(B, T)], s.head_w[:, i : i + self._chunk(B, T)]
-            scores = self._scores(q, s.keys, head_w)
+        for i in range(0, S, step):
+            q, head_w = s.q[:, i : i + step], s.head_w[:, i : i + step]
             allowed = self._allowed(B, i, q.shape[1], T, seen, q.device, s.query_pos)
-            picked = scores.masked_fill(~allowed, float("-inf")).topk(min(self.topk, T), dim=-1).indices
-            picks.append(torch.where(allowed.gather(-1, picked), picked, torch.full_like(picked, -1)))
+            picks.append(self._top_k_rows(q, keys, head_w, allowed, k))
         return torch.cat(picks, dim=1)
 
     def _allowed(
@@ -168,6 +240,10 @@ class Indexer(nn.Module):
         so memory stays at one chunk's [c, nI, T] scores."""
         B, S = s.q.shape[:2]
         T = s.keys.shape[1]
+        if self.triton and picked is not None:  # [B, S, k] scores at the picks, never [c, nI, T]
+            from .triton_indexer import picked_scores
+
+            return self._kl_of_scores(picked_scores(s.q, s.keys, s.head_w, picked), target, picked)
         total = s.head_w.new_zeros(())
         count = s.head_w.new_zeros(())
         step = self._chunk(B, T)
@@ -190,10 +266,15 @@ class Indexer(nn.Module):
 
     def _chunk_kl(self, q, keys, head_w, target, sel):
         scores = self._scores(q, keys, head_w)
-        if sel.dtype == torch.bool:  # dense warm-up: every visible entry
-            valid = sel
-        else:  # sparse stage: the picks, in pick order (the target comes in the same order)
-            scores, valid = scores.gather(-1, sel.clamp(min=0)), sel >= 0
+        if sel.dtype != torch.bool:  # sparse stage: the picks, in pick order (as the target)
+            scores = scores.gather(-1, sel.clamp(min=0))
+        return self._kl_of_scores(scores, target, sel)
+
+    @staticmethod
+    def _kl_of_scores(scores, target, sel):
+        """(KL sum, queries) of indexer ``scores`` against ``target`` over ``sel``: a visibility mask, or
+        picks (-1 = none; the scores and the target in pick order)."""
+        valid = sel if sel.dtype == torch.bool else sel >= 0
         mass = torch.where(valid, target, 0.0)
         has = mass.sum(-1) > 0
         p = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -201,3 +282,24 @@ class Indexer(nn.Module):
         logq = logq.log_softmax(dim=-1)
         kl = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - logq), 0.0).sum(-1)
         return kl[has].sum(), has.sum().to(kl.dtype)
+
+
+def _top_k_low_ties(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of ``scores`` [..., L] (-inf = not a candidate) by (higher score, then lower ``index``),
+    where ``index`` [..., L] ascends along L over the candidates: their (scores, indices) [..., k] in
+    ascending index order, (-inf, -1) where fewer than k candidates. Exact and independent of the order
+    ``topk`` returns equal values in (only its values and distinct keys are used); no sort over L."""
+    L = scores.shape[-1]
+    kth = scores.topk(k, dim=-1).values[..., -1:]  # -inf when fewer than k candidates
+    above = scores > kth
+    tied = (scores == kth) & (scores > float("-inf"))
+    room = k - above.sum(-1, keepdim=True)  # how many of the ties at the k-th score make it, lowest first
+    chosen = above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))
+    # Chosen positions, earliest first: distinct keys L - position; the rest share key 0 and become -1.
+    key = torch.where(chosen, L - torch.arange(L, device=scores.device, dtype=torch.int32), 0)
+    at = key.topk(k, dim=-1).indices
+    ok = chosen.gather(-1, at)
+    return (
+        scores.gather(-1, at).masked_fill(~ok, float("-inf")),
+        torch.where(ok, index.gather(-1, at), -1),
+    )

@@ -20,8 +20,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .sequence_shard import WindowHalo
+
+CSA_GATHER_BUDGET = 1 << 24  # gathered elements ([B, c, k, d]) per query chunk of CSA's sparse path
 
 
 @dataclass
@@ -284,38 +287,78 @@ def sparse_attention(
     if allowed.dim() == 4:
         allowed = allowed.unsqueeze(1)
     logits_w = logits_w.masked_fill(~allowed, float("-inf")).reshape(B, H, n_blocks * W, 2 * W)[:, :, :S]
-
-    gathered = None
     if compressed is None:
-        logits = logits_w
-    else:
-        entries = compressed.entries.to(kv.dtype)
-        T = entries.shape[1]
-        if compressed.picked is None:  # HCA (or CSA's dense warm-up): every visible entry
-            logits_c = _logits(q, entries, "bhsd,btd->bhst", fp32_logits)  # [B, H, S, T]
-            seen = compressed.visible_all(S)
-            logits_c = logits_c.masked_fill(~seen.unsqueeze(1), float("-inf"))
-        else:  # CSA: gather the indexer's picks per query
-            picked = compressed.picked
-            # Row lookup into [B*T, d] (its backward accumulates into [B*T, d], never [B, S, T, d]).
-            flat = picked.clamp(min=0) + (torch.arange(B, device=q.device) * T).view(B, 1, 1)
-            gathered = entries.reshape(B * T, d)[flat]  # [B, S, k, d]
-            logits_c = _logits(q, gathered, "bhsd,bskd->bhsk", fp32_logits)
-            logits_c = logits_c.masked_fill(~(picked >= 0).unsqueeze(1), float("-inf"))
-        logits = torch.cat([logits_w, logits_c.to(logits_w.dtype)], dim=-1)
+        probs = _softmax_with_sink(logits_w, sinks).to(kv.dtype)
+        out = _window_out(probs, keys, pad)
+        return (out, None) if entry_probs else out
+    entries = compressed.entries.to(kv.dtype)
+    if compressed.picked is not None:  # CSA: gather the indexer's picks, a query chunk at a time
+        return _sparse_picks(
+            q, logits_w, keys, sinks, entries, compressed.picked, pad, fp32_logits, entry_probs
+        )
+    # HCA (or CSA's dense warm-up): every visible entry
+    logits_c = _logits(q, entries, "bhsd,btd->bhst", fp32_logits)  # [B, H, S, T]
+    logits_c = logits_c.masked_fill(~compressed.visible_all(S).unsqueeze(1), float("-inf"))
+    logits = torch.cat([logits_w, logits_c.to(logits_w.dtype)], dim=-1)
     probs = _softmax_with_sink(logits, sinks).to(kv.dtype)
+    out = _window_out(probs[..., : 2 * W], keys, pad) + torch.matmul(
+        probs[..., 2 * W :], entries.unsqueeze(1)
+    )
+    return (out, _entry_probs(probs[..., 2 * W :])) if entry_probs else out
 
-    p_w = F.pad(probs[..., : 2 * W], (0, 0, 0, pad)).view(B, H, n_blocks, W, 2 * W)
-    out = torch.einsum("bhnqk,bnkd->bhnqd", p_w, keys).reshape(B, H, n_blocks * W, d)[:, :, :S]
-    if compressed is not None:
-        p_c = probs[..., 2 * W :]
-        if gathered is None:
-            out = out + torch.matmul(p_c, compressed.entries.to(kv.dtype).unsqueeze(1))
+
+def _window_out(p_w: torch.Tensor, keys: torch.Tensor, pad: int) -> torch.Tensor:
+    """[B, H, S, 2W] window probabilities x the blocks' [B, n, 2W, d] keys -> [B, H, S, d]."""
+    B, H, S, W2 = p_w.shape
+    n_blocks = keys.shape[1]
+    p_w = F.pad(p_w, (0, 0, 0, pad)).view(B, H, n_blocks, W2 // 2, W2)
+    return torch.einsum("bhnqk,bnkd->bhnqd", p_w, keys).reshape(B, H, -1, keys.shape[-1])[:, :, :S]
+
+
+def _sparse_picks(q, logits_w, keys, sinks, entries, picked, pad, fp32_logits, entry_probs):
+    """CSA's sparse path: one joint softmax over [window | picked entries | sink] per query.
+
+    The picks are looked up in the flattened entries [B*T, d] plus one all-zero spare row (index B*T) that
+    every -1 pick reads, so an empty pick's (zero) gradient lands on the spare row, never on a real entry.
+    Queries go in chunks of ``_csa_chunk_size`` (the [B, c, k, d] gather bounded by ``CSA_GATHER_BUDGET``),
+    each recomputed in backward (activation checkpointing), so no [B, S, k, d] gather is kept for it.
+    """
+    B, H, S, d = q.shape
+    T = entries.shape[1]
+    table = torch.cat([entries.reshape(B * T, d), entries.new_zeros(1, d)])
+    offsets = (torch.arange(B, device=q.device) * T).view(B, 1, 1)
+    rows = torch.where(picked >= 0, picked + offsets, B * T)  # [B, S, k]
+    step = _csa_chunk_size(B, H, picked.shape[-1], d)
+    p_w, out_c, p_c = [], [], []
+    for i in range(0, S, step):
+        args = (q[:, :, i : i + step], logits_w[:, :, i : i + step], table, rows[:, i : i + step], sinks)
+        if torch.is_grad_enabled():
+            part = checkpoint(_csa_chunk, *args, fp32_logits, entry_probs, use_reentrant=False)
         else:
-            out = out + torch.einsum("bhsk,bskd->bhsd", p_c, gathered)
-    if not entry_probs:
-        return out
-    return out, (_entry_probs(probs[..., 2 * W :]) if compressed is not None else None)
+            part = _csa_chunk(*args, fp32_logits, entry_probs)
+        p_w.append(part[0])
+        out_c.append(part[1])
+        p_c.append(part[2])
+    out = _window_out(torch.cat(p_w, dim=2), keys, pad) + torch.cat(out_c, dim=2)
+    return (out, torch.cat(p_c, dim=1)) if entry_probs else out
+
+
+def _csa_chunk_size(B: int, H: int, k: int, d: int) -> int:
+    """Queries per CSA chunk: the [B, c, k, d] gather (and the [B, H, c, k] logits) within the budget."""
+    return max(1, CSA_GATHER_BUDGET // (B * k * max(d, H)))
+
+
+def _csa_chunk(q, logits_w, table, rows, sinks, fp32_logits: bool, entry_probs: bool):
+    """One query chunk of ``_sparse_picks``: (window probabilities [B, H, c, 2W], the picks' share of the
+    output [B, H, c, d], the picks' probabilities summed over heads [B, c, k] or None)."""
+    gathered = table[rows]  # [B, c, k, d]; backward accumulates into [B*T + 1, d]
+    logits_c = _logits(q, gathered, "bhsd,bskd->bhsk", fp32_logits)
+    logits_c = logits_c.masked_fill((rows == table.shape[0] - 1).unsqueeze(1), float("-inf"))
+    probs = _softmax_with_sink(torch.cat([logits_w, logits_c.to(logits_w.dtype)], dim=-1), sinks)
+    probs = probs.to(table.dtype)
+    W2 = logits_w.shape[-1]
+    out_c = torch.einsum("bhsk,bskd->bhsd", probs[..., W2:], gathered)
+    return probs[..., :W2], out_c, (_entry_probs(probs[..., W2:]) if entry_probs else None)
 
 
 ATTENTION_KERNELS = {"dense": dense_attention, "sparse": sparse_attention}

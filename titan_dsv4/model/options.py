@@ -12,7 +12,7 @@ from .errors import ConfigError
 __all__ = ["ATTN_IMPLS", "ATTN_MASK_TYPES", "FP32_COMPUTE_PARTS", "ConfigError", "TrainingOptions"]
 
 ATTN_MASK_TYPES = ("causal", "block_causal")
-ATTN_IMPLS = ("sparse", "dense")
+ATTN_IMPLS = ("sparse", "dense", "triton")
 # Parts of a bf16 step that can compute in fp32 (see ``fp32_compute``); no-ops when activations are fp32.
 FP32_COMPUTE_PARTS = ("attention_logits", "router", "experts", "hc_mixing")
 
@@ -31,7 +31,8 @@ class TrainingOptions:
     attn_mask_type: str = "causal"
     """"causal" (one sequence per row) or "block_causal" (documents ending with eos stay apart)."""
     attn_impl: str = "sparse"
-    """"sparse" (fast path) or "dense" (the masked [S x (S+T)] reference the fast path is tested against)."""
+    """"sparse" (the PyTorch fast path, every device), "triton" (fused Triton kernels for attention and the
+    Lightning Indexer, CUDA) or "dense" (the masked [S x (S+T)] reference both are tested against)."""
     fp32_compute: list[str] = field(default_factory=lambda: ["attention_logits", "hc_mixing"])
     """Parts of a bf16 step computed in fp32: attention_logits, router, experts, hc_mixing ("" for none). The
     default is the pair the numerics report found to pay (README "Numerics"); a no-op in fp32."""
@@ -58,7 +59,8 @@ class TrainingOptions:
             )
         if self.attn_impl not in ATTN_IMPLS:
             problems.append(
-                f"deepseek_v4.attn_impl={self.attn_impl!r}: use 'sparse' (fast) or 'dense' (reference)"
+                f"deepseek_v4.attn_impl={self.attn_impl!r}: use 'sparse' (PyTorch, any device), 'triton' "
+                "(CUDA) or 'dense' (reference)"
             )
         unknown = sorted(set(self.fp32_compute) - set(FP32_COMPUTE_PARTS))
         if unknown:
