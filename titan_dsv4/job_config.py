@@ -101,6 +101,7 @@ def _model_problems(job_config, section) -> list[str]:
         args.validate()
         args.check_seq_len(job_config.training.seq_len)
         check_context_parallel(job_config, args)
+        check_attention_kernel(job_config, args)
         if job_config.parallelism.pipeline_parallel_degree > 1:
             from .infra.pipeline import refuse_pipeline_problems
 
@@ -115,6 +116,25 @@ def _model_problems(job_config, section) -> list[str]:
             f"same number of experts. Pick a divisor of {experts}."
         ]
     return []
+
+
+def check_attention_kernel(job_config, args) -> None:
+    """``attn_impl = "triton"``: its kernels must run on this job's device and layout (refused here, before
+    any work; never replaced by another kernel)."""
+    if args.attn_impl != "triton":
+        return
+    import torch
+
+    from .model.indexer import TRITON_NEEDS_RANGES
+    from .model.triton_attention import check_triton_attention
+    from .model.triton_indexer import check_triton_indexer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Titan's device (the CPU mode without CUDA)
+    check_triton_attention(args.head_dim, args.n_heads, device)
+    if args.csa_ratio in args.compress_ratios:
+        check_triton_indexer(args.index_head_dim, args.index_n_heads, device)
+    if args.attn_mask_type == "block_causal" and job_config.parallelism.context_parallel_degree > 1:
+        raise ConfigError(TRITON_NEEDS_RANGES)
 
 
 def _tokenizer_problems(hf_assets_path: str | None) -> list[str]:
@@ -243,6 +263,11 @@ def check_parallel_degrees(p, world: int) -> None:
             f"--parallelism.data_parallel_shard_degree -1 "
             f"to use every remaining rank, or launch {fixed * dp_shard} ranks (NGPU={fixed * dp_shard})."
         )
+    unimplemented = unimplemented_degrees(
+        p.tensor_parallel_degree, p.expert_parallel_degree, p.expert_tensor_parallel_degree
+    )
+    if unimplemented:
+        raise ConfigError(unimplemented_message(unimplemented))
     shard = world // fixed if dp_shard == -1 else dp_shard
     ep, etp = p.expert_parallel_degree, p.expert_tensor_parallel_degree
     borrowed = shard * p.context_parallel_degree * p.tensor_parallel_degree
@@ -253,3 +278,19 @@ def check_parallel_degrees(p, world: int) -> None:
             f"borrows its "
             f"ranks from those. Pick an EP degree that divides {borrowed}."
         )
+
+
+def unimplemented_degrees(tp: int, ep: int, etp: int) -> dict[str, int]:
+    """The degrees > 1 this package does not implement (expert TP only counts under EP, as in Titan)."""
+    degrees = {"tensor_parallel_degree": tp, "expert_tensor_parallel_degree": etp if ep > 1 else 1}
+    return {k: v for k, v in degrees.items() if v > 1}
+
+
+def unimplemented_message(bad: dict[str, int]) -> str:
+    """What is not implemented, what to use instead, and the flags that turn it off."""
+    listed = ", ".join(f"parallelism.{k}={v}" for k, v in bad.items())
+    return (
+        f"DeepSeek-V4 does not implement {listed} yet. Use data parallelism (FSDP / HSDP: "
+        "parallelism.data_parallel_shard_degree and data_parallel_replicate_degree), expert, context and "
+        "pipeline parallelism, and set " + ", ".join(f"--parallelism.{k} 1" for k in bad)
+    )

@@ -12,19 +12,27 @@ import os
 from torchtitan.components.tokenizer import build_hf_tokenizer
 from torchtitan.config import ConfigManager
 
-from .infra.planning import refuse_layout_that_cannot_fit
+from .infra.parallelize import refuse_layout
+from .infra.pipeline import refuse_pipeline_problems
 from .job_config import check_job, check_tokenizer_fits, job_model_args, parallel_dims_of
 from .refusals import refusals_exit
 
 
 def preflight(job_config, world_size: int) -> None:
-    """Degrees, the job, the tokenizer and the memory plan, as the ranks of ``titan_dsv4.train`` check."""
-    dims = parallel_dims_of(job_config, world_size)
+    """Degrees, the job, the tokenizer and the layout, as the ranks of ``titan_dsv4.train`` check."""
+    parallel_dims_of(job_config, world_size)
     check_job(job_config, trainer_completes_hf_export=True)
     check_tokenizer_fits(build_hf_tokenizer(job_config), job_config)
     args = job_model_args(job_config)
     args.update_from_config(job_config)
-    refuse_layout_that_cannot_fit(args, dims, job_config)
+    refuse_layout_of_job(args, job_config, world_size)
+
+
+def refuse_layout_of_job(args, job_config, world_size: int) -> None:
+    """What ``parallelize_deepseek_v4`` and the pipeline split would refuse on ``world_size`` ranks."""
+    dims = parallel_dims_of(job_config, world_size)
+    refuse_pipeline_problems(args.n_layers, job_config, dims.dp_replicate * dims.dp_shard)
+    refuse_layout(args, dims, job_config)
 
 
 def main() -> None:

@@ -45,7 +45,12 @@ def _reference(dp: int):
     return model, {n: p.grad for n, p in model.named_parameters()}
 
 
-def _stages(parallel, ep: int, mixed: str, schedule: str):
+# Per-op selective AC: blocks hold nested FSDP units (fp32 islands in bf16, experts under EP), whose
+# pre-forward runs inside the checkpointed block and all-gathers in one microbatch's forward only.
+OP_SAC = ("--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op")
+
+
+def _stages(parallel, ep: int, mixed: str, schedule: str, ac: tuple[str, ...] = ()):
     """This rank's stage(s) of a meta model, split and parallelized as Titan's trainer does it."""
     from tests.helpers.sharded import titan_job
     from titan_dsv4.infra.loss import deepseek_v4_loss
@@ -57,7 +62,7 @@ def _stages(parallel, ep: int, mixed: str, schedule: str):
         "--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2",
         "--parallelism.expert_parallel_degree", str(ep), "--training.local_batch_size", str(LOCAL_BATCH),
         "--training.seq_len", str(SEQ), "--training.mixed_precision_param", mixed,
-        "--parallelism.pipeline_parallel_schedule", schedule,
+        "--parallelism.pipeline_parallel_schedule", schedule, *ac,
     )  # fmt: skip
     with torch.device("meta"):
         model = DeepSeekV4Model(_args())
@@ -66,11 +71,11 @@ def _stages(parallel, ep: int, mixed: str, schedule: str):
     )
 
 
-def _one_step(parallel, ep: int, schedule: str, ref) -> dict:
+def _one_step(parallel, ep: int, schedule: str, ref, mixed="float32", ac: tuple[str, ...] = ()) -> dict:
     """One schedule step from the reference's weights, as Titan's trainer calls it: {parameter: gradient}."""
     from tests.helpers.sharded import copy_weights, full_grads
 
-    schedule_, parts, first, last = _stages(parallel, ep, "float32", schedule)
+    schedule_, parts, first, last = _stages(parallel, ep, mixed, schedule, ac)
     for part in parts:
         copy_weights(ref, part)
         part.train()
@@ -97,6 +102,13 @@ def _pipelined(rank: int, world: int, schedules: tuple[str, ...]):
     report = {("pp2-dp2", s): _one_step(plain, 1, s, ref) for s in schedules}
     expert = dims(world, pp=2, dp_shard=2, ep=2)
     report["pp2-dp2-ep2", "1F1B"] = _one_step(expert, 2, "1F1B", ref)
+    # per-op SAC: fp32 (exact) and bf16 (the nested fp32 islands), each schedule with and without EP
+    for mixed, layouts in (("float32", ((expert, 2, "1F1B"), (plain, 1, "Interleaved1F1B"))),
+                           ("bfloat16", ((plain, 1, "1F1B"), (expert, 2, "Interleaved1F1B")))):  # fmt: skip
+        for layout, ep, schedule in layouts:
+            report["op-sac", mixed, ep, schedule] = _one_step(layout, ep, schedule, ref, mixed, OP_SAC)
+            if mixed == "bfloat16":
+                report["no-ac", mixed, ep, schedule] = _one_step(layout, ep, schedule, ref, mixed)
     report["units"] = [fsdp_units(p) for p in _stages(expert, 2, "bfloat16", "1F1B")[1]]
     return report
 
@@ -127,6 +139,22 @@ def test_every_schedule_at_pp2_dp2_gives_single_process_gradients(reports):
 
     for schedule in SUPPORTED_SCHEDULES:
         _assert_single_process_gradients(reports[0], ("pp2-dp2", schedule), reports[1])
+
+
+def test_per_op_selective_ac_under_pp_gives_single_process_gradients(reports):
+    """fp32: the single process's gradients, as without AC. bf16 (nested fp32 islands, whose all-gathers
+    differ from one microbatch's forward to the next): it runs, and gives the step's gradients without AC."""
+    keys = [k for k in reports[0][0] if k[0] == "op-sac"]
+    assert len(keys) == 4
+    for key in keys:
+        if key[1] == "float32":
+            _assert_single_process_gradients(reports[0], key, reports[1])
+            continue
+        for report in reports[0]:
+            without_ac = report[("no-ac", *key[1:])]
+            assert report[key].keys() == without_ac.keys()
+            for name, grad in report[key].items():
+                torch.testing.assert_close(grad, without_ac[name], rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
 
 
 def test_pp2_dp2_ep2_gives_single_process_gradients_and_keeps_the_fp32_unit_rules(reports):

@@ -97,6 +97,19 @@ def test_check_job_refuses_pipelines_it_cannot_run(monkeypatch, world, flags, na
     check_job(_job(*PP2))  # the default pipeline is accepted
 
 
+def test_triton_kernels_are_refused_where_they_cannot_run(monkeypatch):
+    """attn_impl triton: on a CPU job without Triton's interpreter, and for packed documents under CP (the
+    Triton indexer's per-query ranges); accepted where they run (the suite's interpreter)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_job(_job("--deepseek_v4.attn_impl", "triton"))
+    cp = ["--parallelism.context_parallel_degree", "2", "--deepseek_v4.attn_mask_type", "block_causal"]
+    with pytest.raises(ConfigError, match="block_causal.*context parallelism.*attn_impl sparse"):
+        check_job(_job("--deepseek_v4.attn_impl", "triton", *cp))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="deepseek_v4.attn_impl='triton' runs its kernels on CUDA"):
+        check_job(_job("--deepseek_v4.attn_impl", "triton"))
+
+
 def test_hf_export_is_refused_only_where_the_trainer_cannot_complete_it():
     job = _job("--checkpoint.enable", "--checkpoint.last_save_in_hf", "--checkpoint.last_save_model_only")
     with pytest.raises(ConfigError, match="checkpoint.last_save_in_hf needs titan_dsv4's trainer"):

@@ -13,21 +13,15 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import Shard
 from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
 from torchtitan.distributed import ParallelDims
-from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3.infra.parallelize import disable_fsdp_gradient_division
 from torchtitan.tools.logging import logger
 
+from ..job_config import unimplemented_degrees, unimplemented_message
 from ..model.errors import ConfigError
+from .activation_checkpoint import apply_activation_checkpointing
 from .expert_parallel import apply_expert_parallel, deepep_available
 from .fsdp_units import shard_unit, shard_with_fp32_units
 from .planning import Layout, experts_shard_dim, experts_shardable, refuse_layout_that_cannot_fit
-
-# Ops whose outputs selective (op) AC keeps instead of recomputing (as Titan's deepseek_v3 does).
-_op_sac_save_list = {
-    torch.ops.aten.mm.default,
-    torch.ops.aten.max.default,
-    torch.ops._c10d_functional.reduce_scatter_tensor.default,
-}
 
 
 class UnsupportedParallelismError(ConfigError, NotImplementedError):
@@ -62,18 +56,11 @@ def parallelize_deepseek_v4(
     plan = ParallelPlan.of(parallel_dims, job_config)
     if already_parallelized(model, plan):
         return model
-    refuse_unimplemented_parallelism(parallel_dims, job_config)
-    refuse_experts_fsdp_cannot_shard(model.model_args, parallel_dims)
-    refuse_fp32_experts_under_deepep(model.model_args, parallel_dims, job_config)
-    refuse_layout_that_cannot_fit(model.model_args, parallel_dims, job_config)  # before Titan allocates
+    refuse_layout(model.model_args, parallel_dims, job_config)
     if job_config.activation_checkpoint.mode != "none":
         for stack in block_stacks(model):  # the backbone's layers, and the MTP depths as blocks of their own
-            apply_ac(
-                stack,
-                job_config.activation_checkpoint,
-                model_compile_enabled=plan.compiled,
-                op_sac_save_list=_op_sac_save_list,
-                base_folder=job_config.job.dump_folder,
+            apply_activation_checkpointing(
+                stack, job_config.activation_checkpoint, plan.compiled, job_config.job.dump_folder
             )
     if plan.compiled:
         apply_compile(model, job_config.compile.backend)
@@ -101,6 +88,15 @@ def parallelize_deepseek_v4(
     bind_context_parallel(model, parallel_dims, job_config)
     model.parallel_plan = plan
     return model
+
+
+def refuse_layout(model_args, parallel_dims: ParallelDims, job_config: JobConfig) -> None:
+    """Every layout this function would refuse, before it touches a module (``./run_train.sh``'s preflight
+    runs the same before any rank starts)."""
+    refuse_unimplemented_parallelism(parallel_dims, job_config)
+    refuse_experts_fsdp_cannot_shard(model_args, parallel_dims)
+    refuse_fp32_experts_under_deepep(model_args, parallel_dims, job_config)
+    refuse_layout_that_cannot_fit(model_args, parallel_dims, job_config)  # before Titan allocates
 
 
 def block_stacks(model: nn.Module) -> list[nn.Module]:
@@ -180,18 +176,9 @@ def refuse_unimplemented_parallelism(
     parallel_dims: ParallelDims, job_config: JobConfig | None = None
 ) -> None:
     """Fail before any work on degrees this package does not implement, naming each one and the fix."""
-    unsupported = {
-        "tensor_parallel_degree": parallel_dims.tp,
-        "expert_tensor_parallel_degree": parallel_dims.etp if parallel_dims.ep > 1 else 1,
-    }
-    bad = {k: v for k, v in unsupported.items() if v > 1}
+    bad = unimplemented_degrees(parallel_dims.tp, parallel_dims.ep, parallel_dims.etp)
     if bad:
-        listed = ", ".join(f"parallelism.{k}={v}" for k, v in bad.items())
-        raise UnsupportedParallelismError(
-            f"DeepSeek-V4 does not implement {listed} yet. Use data parallelism (FSDP / HSDP: "
-            "parallelism.data_parallel_shard_degree and data_parallel_replicate_degree), expert, context and "
-            "pipeline parallelism, and set " + ", ".join(f"--parallelism.{k} 1" for k in bad)
-        )
+        raise UnsupportedParallelismError(unimplemented_message(bad))
     backend = job_config.parallelism.expert_parallel_comm_backend if job_config is not None else "standard"
     if backend not in ("standard", "deepep"):
         raise UnsupportedParallelismError(
