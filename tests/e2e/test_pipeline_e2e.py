@@ -13,13 +13,15 @@ import shutil
 
 import pytest
 
-from titan_dsv4.launch import run_train, step_metrics
+from titan_dsv4.launch import run_train, step_metrics, validation_losses
 
 pytestmark = pytest.mark.slow
 FIGURES = ("loss", "mtp_loss", "indexer_kl", "indexer_recall")
 STEPS = 8
 PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
 ONE_RANK = {"NGPU": "1"}
+# Validation at steps 4 and 8 (2 batches): under pp 2 rank 0, which logs, holds the first stage only.
+VALIDATE = ["--validation.enable", "--validation.freq", "4", "--validation.steps", "2"]
 # The single process runs the pipeline's microbatches (1 row each) as gradient accumulation: the same global
 # batch, the same microbatches, so the same sums in the same order.
 ACCUMULATE = ["--training.local_batch_size", "1", "--training.global_batch_size", "2"]
@@ -70,24 +72,26 @@ def single(tmp_path_factory):
     )  # fmt: skip
     seed = root / "seed" / "checkpoint" / "step-0"
     _, log = run_train(
-        [*_common(seed), *ACCUMULATE, "--job.dump_folder", str(root / "single")], env=ONE_RANK, check=True
+        [*_common(seed), *ACCUMULATE, *VALIDATE, "--job.dump_folder", str(root / "single")],
+        env=ONE_RANK,
+        check=True,
     )
-    return root, seed, _figures(log, range(1, STEPS + 1))
+    return root, seed, _figures(log, range(1, STEPS + 1)), validation_losses(log)
 
 
 @pytest.fixture(scope="module")
 def one_f_one_b(single):
     """pp 2 with 1F1B, 8 steps from the seed checkpoint: (its folder, args, figures)."""
-    root, seed, _ = single
+    root, seed, *_ = single
     args = [*_common(seed), *PP2, "--parallelism.pipeline_parallel_schedule", "1F1B"]
-    code, log = run_train([*args, "--job.dump_folder", str(root / "1F1B")])
+    code, log = run_train([*args, *VALIDATE, "--job.dump_folder", str(root / "1F1B")])
     assert code == 0 and log.count("Process group destroyed") == 2, log[-4000:]
-    return root / "1F1B", args, _figures(log, range(1, STEPS + 1))
+    return root / "1F1B", args, _figures(log, range(1, STEPS + 1)), validation_losses(log)
 
 
 def test_pp2_1f1b_gives_the_single_process_figures_and_resumes_bit_exactly(single, one_f_one_b):
-    root, _, expected = single
-    folder, args, straight = one_f_one_b
+    root, _, expected, _ = single
+    folder, args, straight, _ = one_f_one_b
     _assert_close(straight, expected)
     # Same degree: the resume from step 4 repeats steps 5-8 bit for bit.
     resumed = root / "1F1B-resumed"
@@ -97,6 +101,14 @@ def test_pp2_1f1b_gives_the_single_process_figures_and_resumes_bit_exactly(singl
     assert _figures(log, range(5, STEPS + 1)) == {s: straight[s] for s in range(5, STEPS + 1)}
 
 
+def test_pp2_validation_logs_the_last_stages_loss(single, one_f_one_b):
+    """Rank 0 (first stage) logs the validation loss the last stage computed: the single process's."""
+    expected, got = single[3], one_f_one_b[3]
+    assert sorted(expected) == sorted(got) == [4, 8], (expected, got)
+    for step in expected:
+        assert expected[step] > 1.0 and abs(got[step] - expected[step]) <= 1e-5, (step, got, expected)
+
+
 # pp 2 -> pp 1: the single process resumes 1F1B's checkpoint; pp 1 -> pp 2: ZBVZeroBubble resumes the single
 # process's checkpoint.
 ZBV = [*PP2, "--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"]
@@ -104,7 +116,7 @@ ZBV = [*PP2, "--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"]
 
 @pytest.mark.parametrize("target", ["pp1", "pp2"], ids=["pp2-to-pp1", "pp1-to-pp2-zero-bubble-v"])
 def test_checkpoints_resume_across_pp_degrees(single, one_f_one_b, target):
-    root, seed, expected = single
+    root, seed, expected, _ = single
     source = one_f_one_b[0] if target == "pp1" else root / "single"
     folder = root / f"to-{target}"
     shutil.copytree(source / "checkpoint" / "step-4", folder / "checkpoint" / "step-4")

@@ -43,6 +43,13 @@ class DeepSeekV4MetricsProcessor(MetricsProcessor):
         if figures:
             logger.info(console_line(step, figures))
 
+    def log_validation(self, loss, step, extra_metrics=None):
+        """Titan's validation line, with the last pipeline stage's loss on every stage (Titan's validator
+        averages a -1 placeholder on the others, and rank 0, which logs, holds the first stage)."""
+        if self.parallel_dims.pp_enabled:
+            loss, _ = last_stage_losses(loss, loss, self.parallel_dims.get_optional_mesh("pp"))
+        super().log_validation(loss, step, extra_metrics)
+
     def close(self) -> None:
         super().close()
         # Titan destroys the world group next: release the meshes' groups first (refusals.py says why).
