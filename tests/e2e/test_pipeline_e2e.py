@@ -20,7 +20,8 @@ FIGURES = ("loss", "mtp_loss", "indexer_kl", "indexer_recall")
 STEPS = 8
 PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
 ONE_RANK = {"NGPU": "1"}
-# Validation at steps 4 and 8 (2 batches): under pp 2 rank 0, which logs, holds the first stage only.
+# Validation at steps 1, 4 and 8 (Titan validates at step 1 and every freq steps; 2 batches): under pp 2
+# rank 0, which logs, holds the first stage only.
 VALIDATE = ["--validation.enable", "--validation.freq", "4", "--validation.steps", "2"]
 # The single process runs the pipeline's microbatches (1 row each) as gradient accumulation: the same global
 # batch, the same microbatches, so the same sums in the same order.
@@ -104,7 +105,7 @@ def test_pp2_1f1b_gives_the_single_process_figures_and_resumes_bit_exactly(singl
 def test_pp2_validation_logs_the_last_stages_loss(single, one_f_one_b):
     """Rank 0 (first stage) logs the validation loss the last stage computed: the single process's."""
     expected, got = single[3], one_f_one_b[3]
-    assert sorted(expected) == sorted(got) == [4, 8], (expected, got)
+    assert sorted(expected) == sorted(got) == [1, 4, 8], (expected, got)
     for step in expected:
         assert expected[step] > 1.0 and abs(got[step] - expected[step]) <= 1e-5, (step, got, expected)
 

@@ -10,10 +10,11 @@ the inputs of the fp32 units (mHC, compressor projections, HyperHead, lm_head) t
     Sinkhorn iterations (2*iters + 1 tensors [n, n], 2*iters [n]);
   * RMSNorm of width w: its fp32 input and normalised output (attention, ffn, q and kv norms);
   * attention: the inputs of wq_a [D], wq_b [q] and wo_b [o_groups*o_lora_rank]; the sparse kernel's fp32
-    softmax over 2W window logits, the layer's entries (CSA: index_topk picks, HCA: S / hca_ratio) and the
-    sink, per head; q (and its fp32 copy for the head norm), its window blocks and the output [H*d]; the
-    window probabilities [H, 2W] and keys; CSA also the gathered picks [index_topk, d] (a CSA layer's largest
-    tensor), q for their product and the picks' probabilities; HCA the bf16 probabilities and q again;
+    softmax over 2W window logits, the layer's entries (HCA: S / hca_ratio) and the sink, per head; q (and
+    its fp32 copy for the head norm), its window blocks and the output [H*d]; the window probabilities
+    [H, 2W] and keys; CSA the window logits and the picks (its gather of index_topk entries per query is
+    recomputed chunk by chunk in backward); HCA the bf16 probabilities and q again. ``attn_impl triton``
+    keeps q, the output, the LSE [H], the key ranges and the picks;
   * compressor: two fp32 copies of its input (bf16 compute), the pooled kv and gate weights [c*d] in fp32
     (c = 2 for CSA's overlap), the entries' norm; the indexer scores chunks of queries under no_grad and
     saves nothing;
@@ -65,12 +66,15 @@ def compressed_entries(a: DeepSeekV4ModelArgs, ratio: int, seq_len: int) -> int:
 def _attention_kernel_bytes(a: DeepSeekV4ModelArgs, ratio: int, seq_len: int, c: int) -> int:
     H, d, W = a.n_heads, a.head_dim, a.sliding_window
     e = compressed_entries(a, ratio, seq_len)
-    b = H * (2 * W + e + 1) * FP32  # softmax over [window | entries | sink], fp32
-    b += (H * d * FP32 if c != FP32 else 0) + 3 * H * d * c  # q (fp32 for its norm), window blocks, output
+    if a.attn_impl == "triton":  # q and the output, the LSE, the key ranges and picks (triton_attention.py)
+        return (H * d * FP32 if c != FP32 else 0) + 2 * H * d * c + H * FP32 + 16 + (4 * e if e else 0)
+    q_out = (H * d * FP32 if c != FP32 else 0) + 3 * H * d * c  # q (fp32 for its norm), window blocks, output
+    if ratio == a.csa_ratio:  # the picks' gather is recomputed per query chunk in backward (kernels.py)
+        b = H * 2 * W * FP32 + q_out  # the window logits each chunk's softmax joins
+        return b + H * 2 * W * c + 2 * d * c + H * (8 + FP32 + c) + e * 9  # window probs, picks + mask
+    b = H * (2 * W + e + 1) * FP32 + q_out  # softmax over [window | entries | sink], fp32
     b += H * 2 * W * c + 2 * d * c + H * (8 + FP32 + c)  # window probabilities and keys, the sink max
-    if ratio == a.csa_ratio:
-        b += e * d * c + H * d * c + H * e * c + e * 9  # gathered picks, q for them, pick probs, picks + mask
-    elif ratio == a.hca_ratio:
+    if ratio == a.hca_ratio:
         b += (H * (2 * W + e) * c if c != FP32 else 0) + H * d * c  # probabilities kept whole, q for entries
     return b
 
