@@ -17,10 +17,10 @@ V4's attention runs across shards here, exactly:
     all-gathered into global order (``gather_chunks``): each query sees exactly the entries it sees
     unsharded, by global position and global document;
   * every exchange is autograd-correct: the all-gather's backward sums the gradient back to the owner (a
-    reduce-scatter; on gloo, which has none, an all-reduce of which each rank keeps its own part).
+    reduce-scatter, accumulated in fp32; the collectives live in ``cp_collectives.py``).
 
 What one rank exchanges per layer and micro-batch (head-tail: 2 chunks per rank; B rows; d = head_dim,
-dI = index_head_dim; backward moves the same volume back):
+dI = index_head_dim; backward moves the same volume back, the all-gathers' in fp32):
   * every attention layer (and MTP block): the sliding-window halo, all-to-all, 2 x W x d per row;
   * CSA: the compressor's and the indexer's projection halos (ratio = 4 rows of the kv and gate
     projections, 2d wide each, for 2 chunks: 32 x d + 32 x dI per row; twice that under ``block_causal``),
@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .args import ConfigError, DeepSeekV4ModelArgs
+from .cp_collectives import AllGather, AllToAll, all_gather_plain
 from .documents import CompressionWindows, Documents
 
 LOAD_BALANCERS = {"headtail": 2, None: 1}  # Titan's context_parallel_load_balancer -> chunks per rank
@@ -151,7 +152,7 @@ class SequenceShard:
             raise ValueError(f"chunk starts {starts.tolist()} are not multiples of the chunk {self.chunk}")
         self.query_pos = pos  # [S_l] global positions
         self.local_chunks = starts // self.chunk  # [n_local] global chunk indices
-        gathered = _gather_plain(self.local_chunks, group)  # [cp * n_local], rank-major
+        gathered = all_gather_plain(self.local_chunks, group).flatten()  # [cp * n_local], rank-major
         self.n_chunks = gathered.numel()
         self.seq_len = self.n_chunks * self.chunk
         if not torch.equal(torch.sort(gathered).values, _arange(self.n_chunks, gathered)):
@@ -189,9 +190,7 @@ class SequenceShard:
     def gather_sequence(self, t: torch.Tensor) -> torch.Tensor:
         """[B, S_local] ints (token ids, labels) -> [B, S] in global order; no gradient (ids are cheap)."""
         B = t.shape[0]
-        parts = [torch.empty_like(t) for _ in range(self.cp)]
-        dist.all_gather(parts, t.contiguous(), group=self.group)
-        chunks = torch.stack(parts).view(self.cp, B, self.n_local, self.chunk).transpose(0, 1)
+        chunks = all_gather_plain(t, self.group).view(self.cp, B, self.n_local, self.chunk).transpose(0, 1)
         return chunks.reshape(B, self.n_chunks, self.chunk)[:, self.global_order].reshape(B, self.seq_len)
 
     def gather_chunks(self, t: torch.Tensor) -> torch.Tensor:
@@ -202,7 +201,7 @@ class SequenceShard:
         index_head_dim for the indexer's keys; HCA: S/128 x head_dim).
         """
         B, rows, width = t.shape
-        parts = _AllGather.apply(t, self.group)  # [cp, B, rows, F]
+        parts = AllGather.apply(t, self.group)  # [cp, B, rows, F]
         K = rows // self.n_local
         chunks = (
             parts.view(self.cp, B, self.n_local, K, width).transpose(0, 1).reshape(B, self.n_chunks, K, width)
@@ -237,7 +236,7 @@ class SequenceShard:
         B, _, width = t.shape
         tails = t.view(B, self.n_local, self.chunk, width)[:, :, self.chunk - rows :].transpose(0, 1)
         send = tails[self._send_index]  # [n_send, B, rows, F] ordered by destination rank
-        received = _AllToAll.apply(
+        received = AllToAll.apply(
             send, sum(self._recv_splits), self._send_splits, self._recv_splits, self.group
         )
         if received.shape[0] == 0:  # only chunk 0 here: no halo, but the exchange stays in backward
@@ -322,52 +321,3 @@ def _scatter(B: int, T: int, slot: torch.Tensor, values: torch.Tensor, fill) -> 
     """[B, T] table with ``values`` at ``slot`` (slot T is a spare column for padding), ``fill`` elsewhere."""
     out = torch.full((B, T + 1), fill, dtype=values.dtype, device=values.device)
     return out.scatter_(1, slot, values)[:, :T]
-
-
-def _gather_plain(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts)
-
-
-class _AllGather(torch.autograd.Function):
-    """[...] -> [world, ...] all-gather whose backward reduce-scatters the gradient to each part's owner.
-
-    (torch.distributed.nn's all-gather emulates the reduce-scatter on gloo with scatters addressed by group
-    rank, which fails on a subgroup such as the ``cp`` mesh's.)
-    """
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        t = t.contiguous()
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, t, group=group)
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        if dist.get_backend(ctx.group) in ("nccl", "xccl"):
-            out = torch.empty_like(grad[0])
-            dist.reduce_scatter_tensor(out, grad.flatten(0, 1), group=ctx.group)
-            return out, None
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[dist.get_rank(ctx.group)].clone(), None
-
-
-class _AllToAll(torch.autograd.Function):
-    """Rows of ``t`` to the ranks ``send_splits`` says (dim 0); backward sends each gradient row back."""
-
-    @staticmethod
-    def forward(ctx, t, n_out: int, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
-        ctx.group, ctx.send_splits, ctx.recv_splits, ctx.shape = group, send_splits, recv_splits, t.shape
-        out = t.new_empty((n_out, *t.shape[1:]))
-        dist.all_to_all_single(out, t.contiguous(), recv_splits, send_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        out = grad.new_empty(ctx.shape)
-        dist.all_to_all_single(out, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
-        return out, None, None, None, None
