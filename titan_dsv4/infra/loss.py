@@ -63,7 +63,8 @@ def deepseek_v4_loss(pred, labels: torch.Tensor, ce=cross_entropy_loss) -> torch
         kl is not None or extra.pipelined
     ):  # dense warm-up: the indexer learns alone, the LM loss is only logged
         # A pipeline's last stage must still send a gradient (zeros) back to the stages before it, whose
-        # indexers learn through their outputs; the optimizer then drops those zeros (infra/pipeline.py).
+        # indexers learn through their outputs; the schedule's step drops the gradients it gives the other
+        # parameters before they are clipped (infra/pipeline.py: zeros, or NaN where the logits hold an inf).
         logged = main.detach() + (0 * main if extra.pipelined else 0)
         return logged if kl is None else logged + (kl - kl.detach())
     if kl is not None:

@@ -64,6 +64,9 @@ def build_optimizers_with_v4_load_balancing(
         optimizers.register_step_pre_hook(lambda *a, **k: update_expert_bias(model_parts, parallel_dims))
     optimizers.register_step_pre_hook(lambda *a, **k: close_step_metrics(model_parts))
     if parallel_dims.pp_enabled:
+        # The dense warm-up's gradients of the parameters that do not learn are dropped by the pipeline
+        # schedule's step, before Titan clips; this pre-hook (after clipping) only drops the exact zero a
+        # rank without indexers keeps for clipping (infra/pipeline.py, ``drop_warmup_gradients``).
         from .pipeline import drop_warmup_gradients
 
         optimizers.register_step_pre_hook(lambda *a, **k: drop_warmup_gradients(model_parts))

@@ -10,7 +10,8 @@ first/last-stage weights). Ours where V4 differs:
     summed loss under pipelining (its trainer divides only the logged value), which would scale every
     gradient by the token count and change gradient clipping and AdamW's epsilon;
   * each stage's indexer KL reaching backward on its own stage, and the zero gradients of the indexer's
-    dense warm-up dropped before the optimizer steps (without pipelining they are never created).
+    dense warm-up dropped as the schedule's step ends, before Titan clips (without pipelining they are never
+    created; ``drop_warmup_gradients``).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def pipeline_deepseek_v4(
     schedule = build_pipeline_schedule(job_config, stages, pipeline_loss(step, loss_fn))
     has_first = any(s.is_first for s in stages)
     has_last = any(s.is_last for s in stages)
-    return ScheduleOverGlobalTokens(schedule, step, device), parts, has_first, has_last
+    return ScheduleOverGlobalTokens(schedule, step, device, parts), parts, has_first, has_last
 
 
 class DeepSeekV4PipelineStage(PipelineStage):
@@ -257,14 +258,17 @@ def pipeline_loss(step: PipelineStep, loss_fn):
 
 
 class ScheduleOverGlobalTokens:
-    """Titan's schedule, whose training ``step`` first counts the step's target tokens over every rank.
+    """Titan's schedule, whose training ``step`` first counts the step's target tokens over every rank, and
+    at its end drops the dense warm-up's gradients of the parameters that do not learn
+    (``drop_warmup_gradients``): Titan's trainer clips right after this step, so they never reach clipping.
 
     The losses it hands back are sums again (Titan's trainer divides them for logging). Every other
     attribute (``eval`` for validation, ...) is the schedule's own; there the loss is not divided.
     """
 
-    def __init__(self, schedule, step: PipelineStep, device: torch.device):
+    def __init__(self, schedule, step: PipelineStep, device: torch.device, model_parts=()):
         self.schedule, self.pipeline_step, self.device = schedule, step, device
+        self.model_parts = model_parts  # this rank's stages (the list Titan's trainer holds)
 
     def step(self, *args, target=None, losses=None, **kwargs):
         count = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -277,6 +281,7 @@ class ScheduleOverGlobalTokens:
         finally:
             self.pipeline_step.tokens = 1.0
             self.pipeline_step.outputs.clear()
+        drop_warmup_gradients(self.model_parts, placeholder=True)
         if losses is not None:
             losses[:] = [loss * count for loss in losses]
         return result
@@ -285,20 +290,52 @@ class ScheduleOverGlobalTokens:
         return getattr(self.schedule, name)
 
 
-def drop_warmup_gradients(model_parts: list[nn.Module]) -> None:
-    """During the indexer's dense warm-up only the indexers learn: a pipeline sends zero gradients through
-    the other parameters (its stages must backpropagate to reach earlier indexers); drop them, as an unsplit
-    model never creates them, so AdamW leaves those parameters (and their state) alone."""
-    for part in model_parts:
-        args = part.model_args
-        if not part.stage_role.pipelined or part.current_step() > args.indexer_warmup_steps:
-            continue
-        if args.indexer_loss_weight <= 0:
-            continue
+def in_dense_warmup(part: nn.Module) -> bool:
+    """The part trains its indexers alone this step (the forward's ``indexer_dense``), as a pipeline stage."""
+    args = part.model_args
+    return (
+        part.stage_role.pipelined
+        and part.training
+        and args.indexer_loss_weight > 0
+        and part.current_step() <= args.indexer_warmup_steps
+    )
+
+
+def drop_warmup_gradients(model_parts: list[nn.Module], placeholder: bool = False) -> None:
+    """During the indexer's dense warm-up only the indexers learn, but a pipeline backpropagates the LM loss
+    times 0 through every other parameter: its stages must backpropagate to reach the earlier stages'
+    indexers (the last stage's loss is ``0 * main``, ``infra/loss.py``). An unsplit model never creates those
+    gradients; drop them, so that AdamW leaves those parameters (and their state) alone.
+
+    Called at the end of the schedule's step (``ScheduleOverGlobalTokens.step``), that is before Titan's
+    trainer clips: the gradients are "zero" only while the LM path is finite. An inf in the logits makes
+    the cross-entropy's gradient NaN, and 0 x NaN is NaN, so these "zeros" are NaN through the last stage's
+    head and, sent back, through every earlier stage's non-indexer parameters. Had they reached
+    ``clip_grad_norm_`` (as when an optimizer pre-hook dropped them, after clipping), the global norm would be
+    NaN and so would every clipped indexer gradient, under pipelining only. The indexers' own gradients are
+    untouched by them: their KL's inputs and target are detached (``model/attention.py``), and a stage's KL
+    joins backward with the constant gradient 1 (``attach_to_backward``). So the norm Titan clips by is the
+    unsplit model's: the indexers' gradients alone.
+
+    ``placeholder``: a rank whose stages hold no indexer (no CSA layer) would hand Titan's ``clip_grad_norm_``
+    no gradient at all, and its norm of nothing is a CPU ``tensor(0.)``, which the NCCL all-reduce over the
+    pipeline ranks refuses. Such a rank keeps one exact zero gradient (written here, not the backward's
+    value): it adds 0 to the norm and stays 0 when clipped; the optimizer's pre-hook (``infra/optimizer.py``)
+    calls this again without ``placeholder`` and drops it before AdamW steps.
+    """
+    parts = [part for part in model_parts if in_dense_warmup(part)]
+    kept, spare = False, None
+    for part in parts:
         learning = {id(p) for m in part.modules() if isinstance(m, Indexer) for p in m.parameters()}
         for p in part.parameters():
-            if id(p) not in learning:
-                p.grad = None
+            if id(p) in learning:
+                kept = kept or p.grad is not None
+                continue
+            p.grad = None
+            if spare is None and p.requires_grad:
+                spare = p
+    if placeholder and not kept and spare is not None:
+        spare.grad = torch.zeros_like(spare)
 
 
 __all__ = ["pipeline_deepseek_v4", "stage_module_names", "refuse_pipeline_problems"]
