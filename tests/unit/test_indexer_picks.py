@@ -161,7 +161,12 @@ def test_per_document_picks_are_each_document_alone(monkeypatch, budget):
     entry_docs = torch.cat(entry_docs)[None]
     ix = _indexer(3, budget)
     _shuffled_topk(monkeypatch, seed=9)
-    picks = ix.pick_per_document(s, types.SimpleNamespace(docs=_Docs(doc_ids)), entry_docs)
+    docs = _Docs(doc_ids)
+    local = torch.cat([torch.arange(n // RATIO) for n in lengths])[None]  # each entry's index in its document
+    seen = (doc_ids[:, :, None] == entry_docs[:, None, :]) & (
+        local[:, None, :] < ((docs.positions + 1) // RATIO)[:, :, None]
+    )
+    picks = ix.pick(s, seen, (docs, entry_docs))
     q0 = e0 = 0
     for i, n in enumerate(lengths):
         alone = IndexerScoring(keys[i], s.q[:, q0 : q0 + n], s.head_w[:, q0 : q0 + n])

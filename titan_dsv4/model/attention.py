@@ -23,6 +23,18 @@ from .layers import ParamHolder, RMSNorm, apply_rope, unweighted_rms_norm
 RECALL_QUERIES = 32  # queries per row whose indexer recall is measured (training only, no gradient)
 
 
+def _evenly_spaced(eligible: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``n`` evenly spaced positions where ``eligible`` [S] holds, without reading it on the host:
+    (positions [n], which of them are samples [n]); fewer eligible than n leaves the rest unsampled."""
+    rank = eligible.long().cumsum(0)  # eligible positions so far
+    count = rank[-1]
+    m = torch.clamp(count, max=n)
+    j = torch.arange(n, device=eligible.device)
+    want = torch.div(j * (count - 1).clamp(min=0), (m - 1).clamp(min=1), rounding_mode="floor")
+    rows = torch.searchsorted(rank, want + 1).clamp(max=eligible.numel() - 1)
+    return rows, j < m
+
+
 def triton_attention(*args, **kwargs):
     """``triton_attention.triton_attention`` (Triton is imported at the first call, not with the model)."""
     from .triton_attention import triton_attention as kernel
@@ -88,10 +100,8 @@ class Compressor(nn.Module):
         learns = self.indexer.learns and ctx.indexer_loss
         with torch.set_grad_enabled(learns and torch.is_grad_enabled()):
             scoring = self.indexer.scoring(x.detach(), q_latent.detach(), ctx, windows)
-        if windows is None:
-            scoring.picked = self.indexer.pick(scoring, None)
-        else:
-            scoring.picked = self.indexer.pick_per_document(scoring, ctx, windows.doc_ids)
+        documents = None if windows is None else (ctx.docs, windows.doc_ids)
+        scoring.picked = self.indexer.pick(scoring, seen, documents)
         if ctx.indexer_dense:  # warm-up: the main attention sees every visible entry
             return CompressedKV(entries, self.ratio, seen=seen), scoring
         return CompressedKV(entries, self.ratio, scoring.picked, seen=seen), scoring
@@ -112,10 +122,8 @@ class Compressor(nn.Module):
         learns = self.indexer.learns and ctx.indexer_loss
         with torch.set_grad_enabled(learns and torch.is_grad_enabled()):
             scoring = self.indexer.scoring(x.detach(), q_latent.detach(), ctx, None, slots=slots)
-        if ctx.docs is None:
-            scoring.picked = self.indexer.pick(scoring, None)
-        else:
-            scoring.picked = self.indexer.pick_per_document(scoring, ctx, slots.doc_ids)
+        documents = None if ctx.docs is None else (ctx.docs, slots.doc_ids)
+        scoring.picked = self.indexer.pick(scoring, seen, documents)
         picked = None if ctx.indexer_dense else scoring.picked  # warm-up: every visible entry
         return CompressedKV(entries, self.ratio, picked, seen=seen, query_pos=query_pos), scoring
 
@@ -210,10 +218,7 @@ class Attention(nn.Module):
         stats = q.new_zeros(3, dtype=torch.float32)
         k = indexer.topk
         for b in range(B):
-            rows = torch.nonzero(counts[b] > k).flatten()
-            if rows.numel() == 0:
-                continue
-            rows = rows[torch.linspace(0, rows.numel() - 1, min(RECALL_QUERIES, rows.numel())).long()]
+            rows, sampled = _evenly_spaced(counts[b] > k, RECALL_QUERIES)
             logits = (
                 torch.einsum("hqd,td->hqt", q[b, :, rows].float(), compressed.entries[b].float()) * d**-0.5
             )
@@ -236,10 +241,9 @@ class Attention(nn.Module):
             probs = torch.cat([logits_w, logits, sinks], dim=-1).softmax(-1)[..., K : K + logits.shape[-1]]
             top = probs.sum(0).topk(k, dim=-1).indices  # [q, k]
             mine = scoring.picked[b, rows]
-            hits = (top[:, :, None] == mine[:, None, :]).any(-1).sum()
-            stats += torch.stack(
-                [hits.float(), hits.new_tensor(float(top.numel())), (k * k / counts[b, rows]).sum()]
-            )
+            hits = ((top[:, :, None] == mine[:, None, :]).any(-1).sum(-1) * sampled).sum()
+            chance = torch.where(sampled, k * k / counts[b, rows].clamp(min=1), 0.0).sum()
+            stats += torch.stack([hits.float(), sampled.sum().float() * k, chance.float()])
         return stats
 
     def init_weights(self, init_std: float, out_std: float) -> None:

@@ -37,10 +37,14 @@ class Documents:
         return cls(doc_ids, index - start, counts.gather(1, doc_ids))
 
     def windows(self, ratio: int) -> CompressionWindows:
-        """The complete ``ratio``-token windows of every document, aligned to each document's start."""
+        """The complete ``ratio``-token windows of every document, aligned to each document's start.
+
+        The table has S // ratio slots, the most a row can hold, whatever the documents: its shape never
+        depends on the data (no host synchronisation); the slots past a row's windows are padding.
+        """
         starts_here = (self.positions % ratio == 0) & (self.positions + ratio <= self.lengths)
         counts = starts_here.sum(dim=1)
-        T = int(counts.max()) if counts.numel() else 0
+        T = self.doc_ids.shape[1] // ratio
         order = torch.argsort((~starts_here).to(torch.int8), dim=1, stable=True)[:, :T]  # window starts first
         valid = torch.arange(T, device=counts.device)[None, :] < counts[:, None]
         start = torch.where(valid, order, torch.zeros_like(order))

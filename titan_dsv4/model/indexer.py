@@ -137,45 +137,8 @@ class Indexer(nn.Module):
             best_s, best_i = _top_k_low_ties(scores, index, k)
         return best_i
 
-    @torch.no_grad()
-    def pick_per_document(
-        self, s: IndexerScoring, ctx: ForwardContext, entry_docs: torch.Tensor
-    ) -> torch.Tensor:
-        """``pick`` for packed documents: each document's queries score exactly its own entries, as when the
-        document is a row of its own (``pick``'s rule, so a packed document picks what it picks alone).
-        ``entry_docs`` [B, T]: each entry's document (-1 for none); a document's entries are in order, and
-        contiguous except under context parallelism, where empty slots may lie between them. Picks index
-        the row's entries, ascending, -1 (none) last."""
-        B, S = s.q.shape[:2]
-        T = s.keys.shape[1]
-        if self.triton:
-            return self._triton_pick_per_document(s, ctx.docs, entry_docs)
-        picks = torch.full((B, S, min(self.topk, T)), -1, dtype=torch.long, device=s.q.device)
-        docs = ctx.docs
-        all_keys = s.keys.float()
-        for b in range(B):
-            for d in torch.unique(docs.doc_ids[b]).tolist():
-                entries = torch.nonzero(entry_docs[b] == d).flatten()
-                if entries.numel() == 0:
-                    continue
-                n = entries.numel()
-                e0 = int(entries[0])
-                contiguous = int(entries[-1]) - e0 + 1 == n
-                keys = all_keys[b : b + 1, e0 : e0 + n] if contiguous else all_keys[b : b + 1, entries]
-                queries = torch.nonzero(docs.doc_ids[b] == d).flatten()
-                q0, q1 = int(queries[0]), int(queries[-1]) + 1
-                k = min(self.topk, n)
-                step = self._pick_tiles(1, q1 - q0, n, k)[0]
-                for i in range(q0, q1, step):
-                    j = min(i + step, q1)
-                    local = (docs.positions[b, i:j] + 1) // self.ratio
-                    allowed = torch.arange(n, device=s.q.device)[None, None, :] < local[None, :, None]
-                    picked = self._top_k_rows(s.q[b : b + 1, i:j], keys, s.head_w[b : b + 1, i:j], allowed, k)
-                    picks[b, i:j, :k] = torch.where(picked >= 0, entries[picked.clamp(min=0)], -1)[0]
-        return picks
-
-    def _triton_pick_per_document(self, s: IndexerScoring, docs, entry_docs: torch.Tensor) -> torch.Tensor:
-        """``pick_per_document`` by the Triton kernel: a query's visible entries are one range, its
+    def _triton_document_picks(self, s: IndexerScoring, docs, entry_docs: torch.Tensor) -> torch.Tensor:
+        """``pick`` for packed documents by the Triton kernel: a query's visible entries are one range, its
         document's first entry on (a row's entries are grouped by document, in order; -1 pads the end)."""
         if s.query_pos is not None:  # under context parallelism empty slots may lie inside a document
             raise ConfigError(TRITON_NEEDS_RANGES)
@@ -188,20 +151,25 @@ class Indexer(nn.Module):
         return topk_picks(s.q, s.keys, s.head_w, self.topk, first, hi, budget=self.score_budget)
 
     @torch.no_grad()
-    def pick(self, s: IndexerScoring, seen: torch.Tensor | None) -> torch.Tensor:
+    def pick(self, s: IndexerScoring, seen: torch.Tensor | None, documents=None) -> torch.Tensor:
         """Top-k compressed-entry indices per query [B, S, k], k = min(index_topk, T); -1 = "select nothing".
 
         The rule (exact, whatever order ``topk`` gives equal scores): a query picks the k highest scores
         among the entries it may see, equal scores broken toward the lower entry index; it never picks an
         entry it may not see, and seeing fewer than k, it fills the rest with -1. Picks are in ascending
         entry order, -1s last. ``seen`` [B, S, T] is the visibility when not the causal rule; None means the
-        causal rule (by ``s.query_pos`` under context parallelism).
+        causal rule (by ``s.query_pos`` under context parallelism). Packed documents (``seen`` then holds
+        each query's own document's entries; ``documents`` = (the ``Documents``, each entry's document
+        [B, T])): the rule ranks a document's entries in their row order, so each document picks what it
+        picks alone, without a loop over documents.
 
         Queries go in chunks and entries in tiles (``_pick_tiles``), each tile's [B, c, nI, tile] scores
         within ``score_budget``; no host synchronisation.
         """
         B, S = s.q.shape[:2]
         T = s.keys.shape[1]
+        if self.triton and documents is not None:
+            return self._triton_document_picks(s, *documents)
         if self.triton:
             from .triton_indexer import causal_ranges, topk_picks
 

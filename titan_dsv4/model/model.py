@@ -340,9 +340,15 @@ class DeepSeekV4Model(ModelProtocol):
 
 
 def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
-    """Out-of-vocabulary ids would index past the embedding (a device assert on GPU): fail clearly."""
+    """Out-of-vocabulary ids would index past the embedding: fail clearly, on host tensors.
+
+    Reading a device tensor's range would stall the GPU every step; there the job check guards training
+    (the tokenizer must fit the vocabulary, ``check_tokenizer_fits``) and torch's device assert the rest.
+    """
     if tokens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    if tokens.device.type != "cpu":
+        return
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
         raise ValueError(
             f"token ids must lie in [0, {vocab_size}); got min {int(tokens.min())}, max {int(tokens.max())}. "
