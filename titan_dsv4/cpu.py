@@ -67,9 +67,11 @@ def _cpu_device_module() -> types.SimpleNamespace:
 def _patch_device() -> None:
     """Titan's device type and module resolve to the CPU (process groups then use gloo)."""
     cpu_module = _cpu_device_module()
-    orig_get_module = torch._utils._get_device_module
-    torch._utils._get_available_device_type = lambda: "cpu"
-    torch._utils._get_device_module = lambda t="cuda": cpu_module if t == "cpu" else orig_get_module(t)
+    from .compat import torch_utils
+
+    orig_get_module = torch_utils._get_device_module
+    torch_utils._get_available_device_type = lambda: "cpu"
+    torch_utils._get_device_module = lambda t="cuda": cpu_module if t == "cpu" else orig_get_module(t)
     # Titan's modules copied the device at their import: fix the copies of those already imported.
     for name, mod in list(sys.modules.items()):
         if name.startswith("torchtitan") and mod is not None:

@@ -56,8 +56,8 @@ def release_device_mesh_groups() -> None:
     """Drop every DeviceMesh's references to its process groups (see ``shut_down_process_groups``)."""
     import gc
 
-    from torch.distributed.device_mesh import DeviceMesh
+    from .compat import DeviceMesh, device_mesh_groups
 
     for obj in gc.get_objects():
         if issubclass(type(obj), DeviceMesh):  # type() never runs user code, unlike isinstance
-            getattr(obj, "_pg_registry", {}).clear()
+            device_mesh_groups(obj).clear()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import torchtitan.protocols.train_spec as train_spec_module
 from torchtitan.components.tokenizer import build_hf_tokenizer
 from torchtitan.components.validate import build_validator
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
@@ -19,6 +18,7 @@ from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 
 from . import data
 from .checkpoint.adapter import DeepSeekV4CheckpointAdapter
+from .compat import titan_extra_train_specs
 from .flavors import deepseek_v4_args
 from .infra.loss import build_deepseek_v4_loss
 from .infra.metrics import build_deepseek_v4_metrics_processor
@@ -94,5 +94,5 @@ def for_trainer(spec: TrainSpec) -> TrainSpec:
 
 def register() -> None:
     """Register ``deepseek_v4`` once; re-imports and repeated calls are no-ops."""
-    if NAME not in train_spec_module._extra_train_specs:
+    if NAME not in titan_extra_train_specs:
         register_train_spec(NAME, get_train_spec())

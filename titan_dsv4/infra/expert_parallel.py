@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import parallelize_module
 from torchtitan.distributed.expert_parallel import ExpertParallel
 from torchtitan.models.moe.kernels import generate_permute_indices
 from torchtitan.models.moe.utils import TOKEN_GROUP_ALIGN_SIZE_M
 from torchtitan.tools.utils import _round_up
+
+from ..compat import all_to_all_single, all_to_all_single_autograd
 
 
 class CPUExpertParallel(ExpertParallel):

@@ -22,7 +22,6 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
     PipelineScheduleSingle,
     get_schedule_class,
@@ -37,6 +36,7 @@ from torchtitan.distributed.pipeline_parallel import (
 )
 from torchtitan.tools.logging import logger
 
+from ..compat import PipelineStage
 from ..model.errors import ConfigError
 from ..model.indexer import Indexer
 from ..model.pipeline_stage import PipelineStep, StageRole

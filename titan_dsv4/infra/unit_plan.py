@@ -1,6 +1,6 @@
 """What FSDP built: one record per unit (dtypes, resharding, sizes, mesh), for tests, dry runs, the planner.
 
-The one place that reads FSDP2's private state (``_get_fsdp_state``, ``_fsdp_param_group``)."""
+FSDP2's private state is read through ``titan_dsv4.compat`` (``fsdp_param_group``, ``fsdp_state_key``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
+from ..compat import FSDPModule, fsdp_param_group, fsdp_state_key
 from .fsdp_units import canonical_name
 
 
@@ -55,14 +55,13 @@ def fsdp_units(model: nn.Module) -> list[UnitInfo]:
     first: dict[int, tuple[str, nn.Module]] = {}
     for name, module in model.named_modules():
         if isinstance(module, FSDPModule):
-            state = module._get_fsdp_state()
-            if canonical_name(name) not in members.setdefault(id(state), []):
-                members[id(state)].append(canonical_name(name) or "<root>")
-            first.setdefault(id(state), (name, module))
+            key = fsdp_state_key(module)
+            if canonical_name(name) not in members.setdefault(key, []):
+                members[key].append(canonical_name(name) or "<root>")
+            first.setdefault(key, (name, module))
     units = []
     for key, (name, module) in first.items():
-        state = module._get_fsdp_state()
-        group = state._fsdp_param_group
+        group = fsdp_param_group(module)
         if group is None:
             continue
         storage, compute, numel, local, local_bytes, padded = set(), set(), 0, 0, 0, 0

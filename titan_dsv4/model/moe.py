@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from torchtitan.models.moe.moe import FeedForward, GroupedExperts, MoE, TokenChoiceTopKRouter
 from torchtitan.models.moe.utils import indices_padding_wrapper
 
+from ..compat import grouped_mm
 from .args import DeepSeekV4ModelArgs
 from .layers import clamped_swiglu
 
@@ -86,13 +87,13 @@ def _experts_grouped_mm(w1, w2, w3, x, num_tokens_per_expert, limit):
     x, weight = split_weight_columns(x, w1.shape[-1])
     offsets = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
     xb = x.bfloat16()
-    gate = torch._grouped_mm(xb, w1.bfloat16().transpose(-2, -1), offs=offsets)
-    up = torch._grouped_mm(xb, w3.bfloat16().transpose(-2, -1), offs=offsets)
+    gate = grouped_mm(xb, w1.bfloat16().transpose(-2, -1), offs=offsets)
+    up = grouped_mm(xb, w3.bfloat16().transpose(-2, -1), offs=offsets)
     if weight is None:
         h = clamped_swiglu(gate, up, limit)
     else:
         h = (clamped_swiglu(gate.float(), up.float(), limit) * weight[:, None]).bfloat16()
-    return torch._grouped_mm(h, w2.bfloat16().transpose(-2, -1), offs=offsets).type_as(x)
+    return grouped_mm(h, w2.bfloat16().transpose(-2, -1), offs=offsets).type_as(x)
 
 
 class ClampedGroupedExperts(GroupedExperts):
