@@ -60,3 +60,26 @@ def test_triton_model_equals_dense(debug_args, mask):
     assert t_grads.keys() == grads.keys() and any(".indexer." in n for n in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(t_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_triton_indexer_takes_bf16_queries_and_fp32_island_keys(debug_args):
+    """Under FSDP's bf16 policy the indexer's keys come from an fp32 island and its queries from bf16
+    weights: the Triton picks and KL scores run on them (in fp32) and equal the torch path's."""
+    from titan_dsv4.model.indexer import Indexer, IndexerScoring
+
+    args = debug_args.replace(attn_impl="triton", indexer_loss_weight=1.0)
+    g = torch.Generator().manual_seed(0)
+    S, T, nI, dI = 32, 8, args.index_n_heads, args.index_head_dim
+    q = torch.randint(-3, 4, (1, S, nI, dI), generator=g).to(torch.bfloat16)  # exact in bf16: exact scores
+    keys = torch.randint(-3, 4, (1, T, dI), generator=g).float()
+    head_w = torch.randint(1, 4, (1, S, nI), generator=g).float()
+    scoring = IndexerScoring(keys, q, head_w)
+    indexer = Indexer(args)
+    picked = indexer.pick(scoring, None)
+    indexer.triton = False
+    assert torch.equal(picked, indexer.pick(scoring, None))
+    target = torch.rand(1, S, picked.shape[-1], generator=g)
+    reference = indexer.kl_sum(scoring, target, None, picked)
+    indexer.triton = True
+    for got, expected in zip(indexer.kl_sum(scoring, target, None, picked), reference):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -148,7 +148,8 @@ class Indexer(nn.Module):
         first = torch.searchsorted(ordered, docs.doc_ids.contiguous())
         end = torch.searchsorted(ordered, docs.doc_ids.contiguous(), right=True)
         hi = torch.minimum(end, first + (docs.positions + 1) // self.ratio)
-        return topk_picks(s.q, s.keys, s.head_w, self.topk, first, hi, budget=self.score_budget)
+        q, keys = _same_dtype(s.q, s.keys)
+        return topk_picks(q, keys, s.head_w, self.topk, first, hi, budget=self.score_budget)
 
     @torch.no_grad()
     def pick(self, s: IndexerScoring, seen: torch.Tensor | None, documents=None) -> torch.Tensor:
@@ -176,7 +177,9 @@ class Indexer(nn.Module):
             if seen is not None:
                 raise ConfigError(TRITON_NEEDS_RANGES)
             lo, hi = causal_ranges(B, S, T, self.ratio, s.q.device, s.query_pos)
-            return topk_picks(s.q, s.keys, s.head_w, self.topk, lo, hi, budget=self.score_budget)
+            return topk_picks(
+                *_same_dtype(s.q, s.keys), s.head_w, self.topk, lo, hi, budget=self.score_budget
+            )
         k = min(self.topk, T)
         keys = s.keys.float()
         step = self._pick_tiles(B, S, T, k)[0]
@@ -211,7 +214,8 @@ class Indexer(nn.Module):
         if self.triton and picked is not None:  # [B, S, k] scores at the picks, never [c, nI, T]
             from .triton_indexer import picked_scores
 
-            return self._kl_of_scores(picked_scores(s.q, s.keys, s.head_w, picked), target, picked)
+            scores = picked_scores(*_same_dtype(s.q, s.keys), s.head_w, picked)
+            return self._kl_of_scores(scores, target, picked)
         total = s.head_w.new_zeros(())
         count = s.head_w.new_zeros(())
         step = self._chunk(B, T)
@@ -250,6 +254,13 @@ class Indexer(nn.Module):
         logq = logq.log_softmax(dim=-1)
         kl = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - logq), 0.0).sum(-1)
         return kl[has].sum(), has.sum().to(kl.dtype)
+
+
+def _same_dtype(q: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton indexer's inputs in one dtype: under FSDP's bf16 policy the keys come from an fp32 island
+    (the indexer's compressor) and q from bf16 weights; both are then scored in fp32, as the torch path."""
+    dtype = torch.promote_types(q.dtype, keys.dtype)
+    return q.to(dtype), keys.to(dtype)
 
 
 def _top_k_low_ties(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
