@@ -182,7 +182,7 @@ def test_flash_and_pro_plans_at_64_and_256_ranks(plans):
 
 @pytest.mark.slow
 def test_launcher_dry_run_prints_the_plan(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "COMM_MODE": "fake_backend", "NGPU": "176"}
+    env = {**os.environ, "PYTHON": sys.executable, "COMM_MODE": "fake_backend", "NGPU": "144"}
     proc = subprocess.run(
         [
             "./run_train.sh",
@@ -200,13 +200,13 @@ def test_launcher_dry_run_prints_the_plan(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # the config's own layout: pp 11 x dp_shard 16, EP 16; this process is pipeline rank 0
-    assert "DeepSeek-V4 'flash' FSDP unit plan on 176 ranks" in proc.stdout
+    # the config's own layout: pp 9 x dp_shard 16, EP 16; this process is pipeline rank 0
+    assert "DeepSeek-V4 'flash' FSDP unit plan on 144 ranks" in proc.stdout
     assert "HCA alignment: enabled, group size 16" in proc.stdout
     for table in ("per-rank memory, GiB", "per-rank communication per step, GiB", "built plan / analytic"):
         assert table in proc.stdout
-    assert "pipeline: 1F1B, 11 stages, 44 microbatches of 1; rank 10 holds stage 10" in proc.stdout
-    assert "bubble 18.5%" in proc.stdout and "pipeline p2p (stage boundaries)" in proc.stdout
+    assert "pipeline: 1F1B, 9 stages, 36 microbatches of 1; rank 8 holds stage 8" in proc.stdout
+    assert "bubble 18.2%" in proc.stdout and "pipeline p2p (stage boundaries)" in proc.stdout
     assert "the dry run's default; set --deepseek_v4.gpu_memory_gib" in proc.stdout  # 80 GiB unless set
-    plan = json.loads((tmp_path / "unit_plan_flash_176.json").read_text())
+    plan = json.loads((tmp_path / "unit_plan_flash_144.json").read_text())
     assert {"estimate", "built", "analytic", "fits", "device_gib"} <= set(plan["memory"])

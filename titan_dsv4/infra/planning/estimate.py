@@ -16,7 +16,7 @@ from .activations import (
     recomputed_units,
     running_mtp_layers,
 )
-from .layout import GIB, Layout, Training
+from .layout import FP32, GIB, Layout, Training
 from .stages import SINGLE_STAGE_SCHEDULES, PipelinePlan, boundary_bytes, boundary_kept_bytes
 from .units import Unit, analytic_units
 
@@ -412,14 +412,16 @@ def all_to_all_bytes(
 
 def cp_exchange_bytes(a: DeepSeekV4ModelArgs, training: Training, mtp_layers: int) -> float:
     """Per rank per step under CP: each compressed layer's all-gather of the entries (the others' (cp-1)/cp
-    of them) and its reduce-scatter in backward, and every layer's halo, in forward, backward and again for
-    the units AC recomputes."""
+    of them) in forward and again for the units AC recomputes, and its reduce-scatter in backward (in fp32,
+    ``cp_collectives.py``); every layer's halo in forward, backward and recompute."""
     cp, S, c, B = training.cp, training.seq_len, training.compute_bytes, training.local_batch_size
     ratios = list(a.compress_ratios) + [0] * running_mtp_layers(a, mtp_layers)
-    gathers = sum(gathered_entry_bytes(a, r, S, c) for r in ratios) * (cp - 1) / cp
+    share = (cp - 1) / cp
+    gathers = sum(gathered_entry_bytes(a, r, S, c) for r in ratios) * share
+    reduced = sum(gathered_entry_bytes(a, r, S, FP32) for r in ratios) * share
     halos = sum(cp_halo_bytes(a, r, training) for r in ratios)
-    passes = 2 + recomputed_units(training, len(ratios)) / max(1, len(ratios))
-    return B * (gathers + halos) * passes * training.microbatches
+    recompute = recomputed_units(training, len(ratios)) / max(1, len(ratios))
+    return B * (gathers * (1 + recompute) + reduced + halos * (2 + recompute)) * training.microbatches
 
 
 def stage_buffer_bytes(
