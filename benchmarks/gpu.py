@@ -1,11 +1,17 @@
-"""titan_dsv4 on one GPU: training step, attention sparse vs dense, grouped-mm experts.
+"""titan_dsv4 on one GPU: the Triton kernels, training step, attention sparse vs dense, grouped-mm experts.
 
-    python benchmarks/gpu.py --out benchmarks/results/gpu.json   # one GPU, bf16, about 4 minutes
-    python benchmarks/gpu.py --smoke                             # every section on the CPU, tiny, < 1 min
+    python benchmarks/gpu.py --sections matmul,kernels --out benchmarks/results/gpu_kernels.json  # <= 4.5 min
+    python benchmarks/gpu.py --out benchmarks/results/gpu.json   # every section, one GPU, bf16, about 9 min
+    python benchmarks/gpu.py --smoke                             # every section on the CPU, tiny, < 2 min
+    python benchmarks/gpu.py --smoke --sections kernels          # the kernels section in Triton's interpreter
 
 Sections, each under its own time cap (a run stopped anywhere leaves what it measured: the JSON file is
 rewritten after every figure, and every figure is printed as soon as it is known):
   0. the device, torch, and an 8192^3 bf16 matmul (the measured rate MFU is also given against);
+  k. the Triton attention and Lightning Indexer kernels (``--deepseek_v4.attn_impl triton``) against the
+     PyTorch sparse path and FlexAttention, useful TFLOP/s against the matmul rate, memory against inputs +
+     outputs, and one training run of a Flash-width model on them (``dsv4_bench/gpu_kernels.py``; under a
+     225 s cap, ``--kernel_parts`` picks parts);
   1. training steps of the ``debugmodel`` flavor and the ``bench_mid`` shape through TorchTitan's own
      Trainer (``./run_train.sh``, NGPU=1; ``dsv4_bench/gpu_training.py``): tokens/s, MFU (the package's
      FLOP accounting, ``get_nparams_and_flops``), peak memory; FSDP2 on a 1-rank mesh (each rank's step of
@@ -18,6 +24,7 @@ rewritten after every figure, and every figure is printed as soon as it is known
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -73,7 +80,8 @@ def sizes(smoke: bool) -> dict:
             attention_dims=["debugmodel"],
             experts_cap=8,
             matmul_cap=10,
-            total=58,
+            kernels_cap=50,
+            total=110,
         )
     return dict(
         matmul=8192,
@@ -89,7 +97,8 @@ def sizes(smoke: bool) -> dict:
         attention_dims=["debugmodel", "flash"],
         experts_cap=35,
         matmul_cap=20,
-        total=320,
+        kernels_cap=225,
+        total=560,
     )
 
 
@@ -151,7 +160,13 @@ def main() -> None:
         "--out", default=str(DEFAULT_OUT), help="JSON results file (rewritten as figures come)"
     )
     parser.add_argument("--smoke", action="store_true", help="every section on the CPU at tiny sizes")
-    parser.add_argument("--sections", default="matmul,training,attention,experts")
+    parser.add_argument("--sections", default="matmul,kernels,training,attention,experts")
+    parser.add_argument(
+        "--kernel_parts",
+        default="",
+        help="the kernels section's parts, of triton,fp32,indexer,sparse,flex,training "
+        "(dsv4_bench/gpu_kernels.py; default: all on a GPU, all but training in smoke mode)",
+    )
     parser.add_argument("--log", default=None, help="append the training runs' full logs to this file")
     args = parser.parse_args()
     wall_start = time.monotonic()
@@ -161,6 +176,12 @@ def main() -> None:
     if device.type == "cpu" and not args.smoke:
         say("no CUDA device: running the smoke sizes on the CPU")
         cfg = sizes(True)
+    if device.type == "cpu" and "kernels" in sections:
+        # The Triton kernels run in Triton's interpreter on the CPU. Triton reads this when it is imported
+        # (and when @triton.jit decorates), so before anything imports it (titan_dsv4.model does).
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            say("triton was imported before TRITON_INTERPRET=1 could be set: the kernels section will fail")
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     dtype = torch.bfloat16
     total = Deadline(cfg["total"])
     results = Results(args.out)
@@ -188,6 +209,23 @@ def main() -> None:
         except Exception as e:
             results.error("matmul", f"{type(e).__name__}: {e}")
         torch.cuda.empty_cache() if device.type == "cuda" else None
+
+    if "kernels" in sections:
+        try:
+            from dsv4_bench import gpu_kernels
+
+            gpu_kernels.run(
+                results,
+                Deadline(cfg["kernels_cap"], total),
+                device,
+                smoke=device.type == "cpu",
+                matmul_tflops=matmul_tflops,
+                datasheet_tflops=H200_DATASHEET_TFLOPS,
+                parts=[p for p in args.kernel_parts.split(",") if p] or None,
+                log_path=args.log,
+            )
+        except Exception as e:
+            results.error("kernels", f"{type(e).__name__}: {e}")
 
     if "training" in sections:
         try:
