@@ -9,6 +9,7 @@ Titan's own errors pass untouched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 
@@ -36,6 +37,29 @@ def refusals_exit():
             print(refusal_block(error), file=sys.stderr, flush=True)
         shut_down_process_groups()
         raise SystemExit(REFUSED_EXIT_CODE) from None
+
+
+_AT_ENTRY_POINT = {"active": False}
+
+
+def as_entry_point() -> None:
+    """This process is an entry point (``titan_dsv4.stock`` says so for TorchTitan's stock entry): refusals
+    raised in the train spec's hooks exit with one message instead of a traceback on every rank."""
+    _AT_ENTRY_POINT["active"] = True
+
+
+def refuses_at_entry_points(fn):
+    """``fn`` as itself (its name, its exceptions, for library use), whose refusals exit with one message
+    when the process is an entry point (``as_entry_point``)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        if not _AT_ENTRY_POINT["active"]:
+            return fn(*args, **kwargs)
+        with refusals_exit():
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def shut_down_process_groups() -> None:

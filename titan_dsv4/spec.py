@@ -3,7 +3,9 @@
 Every hook is TorchTitan's own builder or a thin layer over it; the layers are where DeepSeek-V4 differs:
 the job checks before the tokenizer (the first hook), the packaged corpus registered by the data builders,
 the expert-bias and optimizer-state hooks, the training clock on the LR schedulers, the extra losses and
-their metrics. A refused job exits with one message from any hook (``refusals.refusals_exit``).
+their metrics. The parallelize and pipelining hooks are ``parallelize_deepseek_v4`` and
+``pipeline_deepseek_v4`` themselves; at an entry point (``./run_train.sh``'s ranks, the stock entry through
+``titan_dsv4.stock``) a refused job exits with one message from any hook (``refusals``).
 """
 
 from __future__ import annotations
@@ -53,27 +55,13 @@ def build_validator_with_corpus(*args, **kwargs):
     return build_validator(*args, **kwargs)
 
 
-def parallelize_or_refuse(model, parallel_dims, job_config):
-    """``parallelize_deepseek_v4``, whose refusals (layouts, memory) exit with one message."""
-    with refusals_exit():
-        return parallelize_deepseek_v4(model, parallel_dims, job_config)
-
-
-def pipeline_or_refuse(model, parallel_dims, job_config, device, model_args, parallelize_fn, loss_fn):
-    """``pipeline_deepseek_v4``, whose refusals (stage split, schedule, microbatches) exit with one line."""
-    with refusals_exit():
-        return pipeline_deepseek_v4(
-            model, parallel_dims, job_config, device, model_args, parallelize_fn, loss_fn
-        )
-
-
 def get_train_spec(trainer_completes_hf_export: bool = False) -> TrainSpec:
     """The spec; ``trainer_completes_hf_export`` is ``titan_dsv4.trainer``'s (it serves last_save_in_hf)."""
     return TrainSpec(
         model_cls=DeepSeekV4Model,
         model_args=deepseek_v4_args,
-        parallelize_fn=parallelize_or_refuse,
-        pipelining_fn=pipeline_or_refuse,
+        parallelize_fn=parallelize_deepseek_v4,
+        pipelining_fn=pipeline_deepseek_v4,
         build_optimizers_fn=build_optimizers_with_v4_load_balancing,
         build_lr_schedulers_fn=build_lr_schedulers_with_training_clock,
         build_dataloader_fn=build_dataloader_with_corpus,

@@ -71,11 +71,11 @@ def parallelize_fsdp_one_rank(model, parallel_dims, job_config):
         bind_hca_param_sync_group,
         data_parallel_mesh,
         hca_param_sync_group,
+        parallelize_deepseek_v4,
         reshard_after_forward,
     )
-    from titan_dsv4.spec import parallelize_or_refuse
 
-    model = parallelize_or_refuse(model, parallel_dims, job_config)
+    model = parallelize_deepseek_v4(model, parallel_dims, job_config)
     if data_parallel_mesh(parallel_dims) is not None or parallel_dims.world_size != 1:
         return model
     mesh = init_device_mesh(device_type, (1,), mesh_dim_names=("fsdp",))

@@ -18,6 +18,7 @@ from torchtitan.tools.logging import logger
 
 from ..job_config import unimplemented_degrees, unimplemented_message
 from ..model.errors import ConfigError
+from ..refusals import refuses_at_entry_points
 from .activation_checkpoint import apply_activation_checkpointing
 from .expert_parallel import apply_expert_parallel, deepep_available
 from .fsdp_units import shard_unit, shard_with_fp32_units
@@ -49,6 +50,7 @@ class ParallelPlan:
         )
 
 
+@refuses_at_entry_points
 def parallelize_deepseek_v4(
     model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig
 ) -> nn.Module:

@@ -40,6 +40,7 @@ from ..compat import PipelineStage
 from ..model.errors import ConfigError
 from ..model.indexer import Indexer
 from ..model.pipeline_stage import PipelineStep, StageRole
+from ..refusals import refuses_at_entry_points
 
 FIRST_STAGE = ["tok_embeddings"]
 LAST_STAGE = ["hc_head", "norm", "lm_head", "mtp"]
@@ -157,6 +158,7 @@ def refuse_pipeline_problems(n_layers: int, job_config: JobConfig, dp_degree: in
     stage_module_names(n_layers, job_config)
 
 
+@refuses_at_entry_points
 def pipeline_deepseek_v4(
     model: nn.Module,
     parallel_dims: ParallelDims,
