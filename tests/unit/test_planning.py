@@ -143,6 +143,21 @@ def test_attention_kernel_memory_follows_the_kernel():
     assert saved[1] < saved[0]
 
 
+def test_packed_documents_under_cp_count_their_visibility_masks():
+    """block_causal builds a [S_local, S / ratio] visibility mask per compressed layer (and its negation): at
+    the long config's shard that is 1 GiB per CSA mask, on top of the worst moment; causal rows need none."""
+    from titan_dsv4.flavors import deepseek_v4_args
+
+    causal = deepseek_v4_args["flash"].replace()
+    packed = causal.replace(attn_mask_type="block_causal")
+    S, cp = 1 << 20, 256
+    training = Training(seq_len=S, local_batch_size=1, compute_dtype="bfloat16", ac_mode="full", cp=cp)
+    plain, docs = (planning.activation_estimate(a, training, 1) for a in (causal, packed))
+    assert docs.saved == plain.saved and docs.transient > plain.transient
+    csa = causal.compress_ratios.index(causal.csa_ratio)
+    assert docs.blocks[csa].backward - plain.blocks[csa].backward == 2 * (S // cp) * (S // 4) == 2 * GIB
+
+
 def test_activations_scale_with_tokens_and_shrink_with_checkpointing():
     flash = _args(_job("deepseek_v4_flash.toml"))
     one = Training(seq_len=4096, local_batch_size=1)

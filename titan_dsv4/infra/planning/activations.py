@@ -32,7 +32,8 @@ and recomputes one unit at a time in backward; "selective" N checkpoints every N
 and keeps the rest whole; selective "op" is approximated as the inputs plus half of each unit's matmul
 outputs (Titan saves every other mm and recomputes the router's gate), one unit recomputed at a time;
 "memory_budget" m as full + m x (none - full). The worst moment on top of what is kept: a unit recomputed
-and differentiated (its terms, the streams' gradients and twice its largest tensor), or the loss: the one
+and differentiated (its terms, the streams' gradients and twice its largest tensor; under ``block_causal`` the
+documents' [S_local, S / ratio] visibility masks), or the loss: the one
 lm_head call's fp32 logits of every head while the cross-entropies run (or their gradients in backward).
 """
 
@@ -241,7 +242,8 @@ def activation_estimate(
             ),
             kept=T * (inputs * c + 8),  # its streams (and embedding) and the token ids
             half_matmuls=T * (_matmul_output_bytes(a, ratio, c) + extra_mm) / 2,
-            backward=T * (2 * n * D * c + 2 * _largest_tensor_bytes(a, ratio, S, c)),
+            backward=T
+            * (2 * n * D * c + 2 * _largest_tensor_bytes(a, ratio, S, c) + document_masks(a, ratio, S)),
         )
 
     ratios = [r for i, r in enumerate(a.compress_ratios) if modules is None or f"layers.{i}" in modules]
@@ -255,6 +257,15 @@ def activation_estimate(
     # losses run; backward holds their gradients and the gradient of the concatenated call.
     loss = 2 * (1 + m) * T * a.vocab_size * f if head else 0
     return Activations(int(body) + outside, int(max(backward + [loss])), tuple(blocks), outside)
+
+
+def document_masks(a: DeepSeekV4ModelArgs, ratio: int, seq_len: int) -> int:
+    """Per token, packed documents' visibility of a compressed layer's entries (``block_causal``): a [S_local,
+    S / ratio] mask and its negation while the layer runs (forward, recompute), never saved; 0 for causal
+    rows, whose rule needs no mask (under CP: 1 GiB per mask at the long config's 4K x 256K CSA shard)."""
+    if a.attn_mask_type != "block_causal" or not ratio:
+        return 0
+    return 2 * (seq_len // ratio)
 
 
 def _blocks_under_ac(training: Training, blocks: list[BlockActivations]) -> tuple[float, set[int]]:
