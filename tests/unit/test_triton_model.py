@@ -24,6 +24,9 @@ def _pair(debug_args, mask: str):
             attn_mask_type=mask,
             indexer_loss_weight=1.0,
             indexer_warmup_steps=0,
+            n_layers=2,  # one CSA and one HCA layer: the kernels' paths
+            compress_ratios=[4, 128],
+            n_hash_layers=1,
         )
         models.append(DeepSeekV4Model(args))
         models[-1].init_weights()
