@@ -160,6 +160,7 @@ def _pick_inputs():
     torch.nn.Module.__init__(ix)
     # Queries at the end of a long sequence (global positions >= 4T), so every query sees all T entries
     ix.ratio, ix.head_dim, ix.n_heads, ix.topk, ix.score_budget = 4, dI, nI, topk, B * nI * T
+    ix.triton = False  # the PyTorch path
     g = torch.Generator().manual_seed(0)
     s = IndexerScoring(
         torch.randn(B, T, dI, generator=g),
