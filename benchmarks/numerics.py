@@ -376,7 +376,7 @@ def run_model(model, inputs: torch.Tensor, batch: int, transformers: bool = Fals
     handles = capture_hooks(model, {"routes": routes, "picks": picks}, transformers)
     try:
         for chunk in inputs.split(batch):
-            out = model(input_ids=chunk).logits if transformers else model(chunk)
+            out = model(input_ids=chunk).logits if transformers else model(chunk)[0]
             logits.append(out.float())
     finally:
         for h in handles:

@@ -56,11 +56,11 @@ def run(quick: bool) -> dict:
     ours, hf, args = build_pair(seq_len)
     tokens = torch.randint(0, args.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        diff = (ours(tokens) - hf(input_ids=tokens).logits).abs().max().item()
+        diff = (ours(tokens)[0] - hf(input_ids=tokens).logits).abs().max().item()
 
     def ours_step():
         ours.zero_grad(set_to_none=True)
-        _loss(ours(tokens), tokens).backward()
+        _loss(ours(tokens)[0], tokens).backward()
 
     def hf_step():
         hf.zero_grad(set_to_none=True)

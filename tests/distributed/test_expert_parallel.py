@@ -37,7 +37,7 @@ def _ep_step(rank, world_size, degrees):
     parallel = dims(world_size, **degrees)
     model = parallelized_copy(ref, parallel, job())
     inputs, labels = sample(rank, SEQ)
-    loss = F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten(), reduction="sum") / (
+    loss = F.cross_entropy(model(inputs)[0].flatten(0, 1), labels.flatten(), reduction="sum") / (
         SEQ * world_size
     )
     loss.backward()
@@ -72,7 +72,7 @@ def _ep_step(rank, world_size, degrees):
     if rank == 0:
         xs, ys = zip(*(sample(r, SEQ) for r in range(world_size)))
         x, y = torch.cat(xs), torch.cat(ys)
-        ref_loss = F.cross_entropy(ref(x).flatten(0, 1), y.flatten(), reduction="sum") / y.numel()
+        ref_loss = F.cross_entropy(ref(x)[0].flatten(0, 1), y.flatten(), reduction="sum") / y.numel()
         ref_loss.backward()
         update_expert_bias([ref], dims_single())
         out["ref_grads"] = {n: p.grad for n, p in ref.named_parameters()}

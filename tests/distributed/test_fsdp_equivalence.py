@@ -21,7 +21,7 @@ def _fsdp_step(rank, world_size, mixed):
     inputs, labels = sample(rank, SEQ)
     global_tokens = labels.numel() * world_size
     loss = (
-        F.cross_entropy(model(inputs).float().flatten(0, 1), labels.flatten(), reduction="sum")
+        F.cross_entropy(model(inputs)[0].float().flatten(0, 1), labels.flatten(), reduction="sum")
         / global_tokens
     )
     loss.backward()
@@ -31,7 +31,7 @@ def _fsdp_step(rank, world_size, mixed):
     if rank == 0:
         xs, ys = zip(*(sample(r, SEQ) for r in range(world_size)))
         x, y = torch.cat(xs), torch.cat(ys)
-        ref_loss = F.cross_entropy(ref(x).float().flatten(0, 1), y.flatten(), reduction="sum") / y.numel()
+        ref_loss = F.cross_entropy(ref(x)[0].float().flatten(0, 1), y.flatten(), reduction="sum") / y.numel()
         ref_loss.backward()
         result["ref_loss"] = ref_loss.detach()
         result["ref_grads"] = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}

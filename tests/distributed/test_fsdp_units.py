@@ -64,7 +64,7 @@ def _unit_report(rank, world_size, mixed, twice, group_islands=True):
     calls, original = [], dist.all_gather_single
     dist.all_gather_single = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
     try:
-        out = model(tokens)
+        out, _ = model(tokens)
     finally:
         dist.all_gather_single = original
     report["forward_all_gathers"] = len(calls)

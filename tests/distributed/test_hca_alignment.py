@@ -72,13 +72,13 @@ def _aligned_step(rank, world_size, lengths):
     model = parallelized_copy(ref, _dims(world_size, dp_shard=world_size), job())
     total_tokens = sum(lengths)
     x, y = sample(rank, lengths[rank], seed=1000)
-    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum") / total_tokens
+    loss = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), reduction="sum") / total_tokens
     loss.backward()
     out = {"grads": full_grads(model)}
     if rank == 0:
         ref_loss = (
             sum(
-                F.cross_entropy(ref(xr).flatten(0, 1), yr.flatten(), reduction="sum")
+                F.cross_entropy(ref(xr)[0].flatten(0, 1), yr.flatten(), reduction="sum")
                 for xr, yr in (sample(r, n, seed=1000) for r, n in enumerate(lengths))
             )
             / total_tokens

@@ -46,7 +46,7 @@ def tokens(batch: int = 2) -> torch.Tensor:
 
 
 def logits_and_grads(model: DeepSeekV4Model, x: torch.Tensor):
-    logits = model(x)
+    logits, _ = model(x)
     F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten()).backward()
     return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 

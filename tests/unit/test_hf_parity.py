@@ -40,7 +40,7 @@ def _check_case(case) -> None:
         reference = hf(input_ids=tokens).logits
         for kernel in ("dense", "sparse"):
             ours = build_ours(args, hf, case.seq_len, kernel)
-            diff = (ours(tokens) - reference).abs().max().item()
+            diff = (ours(tokens)[0] - reference).abs().max().item()
             assert diff <= TOL, f"{case.name} [{kernel}]: max |dlogit| {diff:.2e}"
 
 
@@ -107,7 +107,7 @@ def test_loss_and_gradients_match_transformers(pair):
     adapter = DeepSeekV4StateDictAdapter(ours.model_args, None)
     hf.zero_grad()
     ours.zero_grad()
-    hf_loss, our_loss = _loss(hf(input_ids=tokens).logits, tokens), _loss(ours(tokens), tokens)
+    hf_loss, our_loss = _loss(hf(input_ids=tokens).logits, tokens), _loss(ours(tokens)[0], tokens)
     assert abs(hf_loss.item() - our_loss.item()) <= TOL
     hf_loss.backward()
     our_loss.backward()
@@ -133,7 +133,7 @@ def test_dense_kernel_is_bit_exact_with_transformers():
     ours = build_ours(args_from_hf_config(case.config()), hf, case.seq_len, "dense")
     tokens = _tokens(case, 512)
     with torch.no_grad():
-        assert torch.equal(ours(tokens), hf(input_ids=tokens).logits)
+        assert torch.equal(ours(tokens)[0], hf(input_ids=tokens).logits)
 
 
 def test_adapter_round_trip_is_identity(pair):

@@ -34,8 +34,9 @@ def mtp_labels(labels: torch.Tensor, k: int, valid: torch.Tensor, shard=None) ->
 
 
 def deepseek_v4_loss(pred, labels: torch.Tensor, ce=cross_entropy_loss) -> torch.Tensor:
-    """Titan's summed cross-entropy for plain logits; for ``(logits, TrainingOutputs)`` the extra terms
-    too."""
+    """Titan's summed cross-entropy of the model's ``(logits, TrainingOutputs)``, plus the extra terms they
+    carry; of plain logits (a pipeline's last stage in evaluation, ``infra/pipeline.py``) the cross-entropy
+    alone."""
     if isinstance(pred, torch.Tensor):
         return ce(pred, labels)
     logits, extra = pred

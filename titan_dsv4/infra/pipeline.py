@@ -5,7 +5,8 @@ split (``pipeline_module_split``: a deep copy per stage with the other stages' m
 layer distribution (``generate_llm_fqn_per_model_part``, with ``pipeline_parallel_layers_per_stage`` and the
 first/last-stage weights). Ours where V4 differs:
   * the modules of a stage: rotary tables on every stage; the HyperHead, norm, lm_head and MTP depths on
-    the last; what crosses a stage boundary (``model/pipeline_stage.py``);
+    the last; what crosses a stage boundary, the stage's forward and the loss handoff
+    (``infra/pipeline_stage.py``: the model's forward knows no pipeline);
   * the loss divided by the step's global token count inside the schedule: Titan 0.2.2 backpropagates the
     summed loss under pipelining (its trainer divides only the logged value), which would scale every
     gradient by the token count and change gradient clipping and AdamW's epsilon;
@@ -39,8 +40,8 @@ from torchtitan.tools.logging import logger
 from ..compat import PipelineStage
 from ..model.errors import ConfigError
 from ..model.indexer import Indexer
-from ..model.pipeline_stage import PipelineStep, StageRole
 from ..refusals import refuses_at_entry_points
+from .pipeline_stage import DeepSeekV4Stage, PipelineStep
 
 FIRST_STAGE = ["tok_embeddings"]
 LAST_STAGE = ["hc_head", "norm", "lm_head", "mtp"]
@@ -185,12 +186,7 @@ def pipeline_deepseek_v4(
     step = PipelineStep()
     mtp_trains = model.mtp is not None and model.mtp.trains
     for i, (stage, part) in enumerate(zip(stages, parts)):
-        part.stage_role = StageRole(
-            pipelined=True,
-            mtp_aheads=model_args.mtp_layers if mtp_trains else 0,
-            step=step,
-        )
-        part.find_hca_compressors()
+        DeepSeekV4Stage.as_stage(part, step, mtp_aheads=model_args.mtp_layers if mtp_trains else 0)
         parts[i] = stage.submod = parallelize_fn(part, parallel_dims, job_config)
         logger.info(f"Pipeline stage {stage.stage_index}: {', '.join(names[stage.stage_index])}")
     schedule = build_pipeline_schedule(job_config, stages, pipeline_loss(step, loss_fn))
@@ -241,7 +237,7 @@ def effects_undone(part: nn.Module, keep_outputs: bool = False):
                 buffers[name].copy_(value)
         part.step_metrics._open = metrics
         if not keep_outputs:
-            part.stage_role.step.outputs.clear()
+            part.step.outputs.clear()
 
 
 def pipeline_loss(step: PipelineStep, loss_fn):
@@ -252,7 +248,8 @@ def pipeline_loss(step: PipelineStep, loss_fn):
         if not step.outputs:  # validation (eval): the plain logits
             return loss_fn(logits, labels) / step.tokens
         outputs = step.outputs.pop(0)
-        main, *mtp = logits.split(labels.shape[1], dim=1) if outputs.joined_heads > 1 else [logits]
+        # the stage joined its heads along the sequence (main, then each MTP depth)
+        main, *mtp = logits.split(labels.shape[1], dim=1) if logits.shape[1] > labels.shape[1] else [logits]
         outputs.mtp_logits = mtp
         return loss_fn((main, outputs), labels) / step.tokens
 
@@ -296,7 +293,7 @@ def in_dense_warmup(part: nn.Module) -> bool:
     """The part trains its indexers alone this step (the forward's ``indexer_dense``), as a pipeline stage."""
     args = part.model_args
     return (
-        part.stage_role.pipelined
+        isinstance(part, DeepSeekV4Stage)
         and part.training
         and args.indexer_loss_weight > 0
         and part.current_step() <= args.indexer_warmup_steps

@@ -1,7 +1,9 @@
-"""DeepSeek-V4 in TorchTitan's model protocol: ``forward(tokens) -> logits [B, S, vocab]``.
+"""DeepSeek-V4 in TorchTitan's model protocol: ``forward(tokens) -> (logits, TrainingOutputs)``.
 
-In training with multi-token prediction or indexer distillation on, the forward returns
-``(logits, TrainingOutputs)``; the train spec's loss (``infra/loss.py``) adds their terms.
+One return type in training and evaluation; the train spec's loss (``infra/loss.py``) adds the terms the
+``TrainingOutputs`` carry (multi-token prediction, indexer distillation). Like TorchTitan's deepseek_v3,
+the model knows no parallelism it is not handed: parallelize and the pipeline split apply it from outside
+(a pipeline stage, ``infra/pipeline_stage.py``, composes ``embed``, ``run_layers`` and ``heads``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from .hyper_connection import HyperConnection, HyperHead, hyper_residual
 from .layers import RMSNorm, RotaryTables
 from .moe import DeepSeekV4MoE
 from .outputs import StepMetrics, TrainingOutputs, mtp_targets_in_document, shifted
-from .pipeline_stage import StageRole, attach_to_backward
 from .sequence_shard import SequenceShard
 
 
@@ -142,7 +143,6 @@ class DeepSeekV4Model(ModelProtocol):
         # Context parallelism (bound by parallelize): the cp group and how many chunks a rank holds.
         self.cp_group = None
         self.cp_chunks_per_rank = 1
-        self.stage_role = StageRole()  # pipeline parallelism: set on each stage by infra/pipeline.py
 
     def find_hca_compressors(self) -> None:
         """Note this part's HCA compressors (again after a pipeline split removed layers).
@@ -172,27 +172,48 @@ class DeepSeekV4Model(ModelProtocol):
         mtp = list(self.mtp.layers.values()) if self.mtp is not None else []
         return list(self.layers.values()) + [getattr(d, "_checkpoint_wrapped_module", d).block for d in mtp]
 
-    def forward(self, *inputs: torch.Tensor, positions: torch.Tensor | None = None, **kwargs):
-        """``forward(tokens)``; a later pipeline stage takes what the stage before it returned
-        (``StageRole``). ``positions``: the tokens' global positions, which Titan passes under context
-        parallelism."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, **kwargs):
+        """``(logits [B, S, vocab], TrainingOutputs)``, in training and in evaluation alike.
+
+        One return type: Titan's trainer and validator hand it to the train spec's loss as they got it
+        (``infra/loss.py`` adds the extra terms it carries; in evaluation it carries none). ``positions``:
+        the tokens' global positions, which Titan passes under context parallelism; other keyword inputs
+        Titan may pass (its attention masks: this model builds its own) are ignored.
+
+        The forward knows no parallelism beyond the bound context-parallel group: a pipeline stage composes
+        the same pieces (``embed``, ``context``, ``run_layers``, ``heads``) from outside
+        (``infra/pipeline_stage.py``).
+        """
+        del kwargs
+        streams = self.embed(tokens)
+        ctx = self.context(tokens, positions)
+        streams, stats = self.run_layers(streams, ctx)
+        hidden, mtp_valid = self.heads(streams, ctx)
+        if len(hidden) == 1:
+            return self.lm_head(hidden[0]), self.training_outputs([], mtp_valid, stats, ctx)
+        logits = self.lm_head(torch.cat(hidden, dim=1)).split(tokens.shape[1], dim=1)  # one call, all heads
+        return logits[0], self.training_outputs(list(logits[1:]), mtp_valid, stats, ctx)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The token ids [B, S] -> the n identical mHC residual streams [B, S, hc_mult, D]."""
+        check_token_ids(tokens, self.vocab_size)
+        h = self.tok_embeddings(tokens)
+        return h.unsqueeze(2).expand(-1, -1, self.hc_mult, -1).contiguous()
+
+    def embed_ahead(self, tokens: torch.Tensor, k: int, shard: SequenceShard | None = None) -> torch.Tensor:
+        """The embeddings of the tokens k positions ahead [B, S, D], MTP depth k's input."""
+        return self.tok_embeddings(shifted(tokens, k) if shard is None else shard.ahead(k))
+
+    def context(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> ForwardContext:
+        """What every layer of one forward shares: the token ids, documents, sequence shard, indexer mode."""
         args = self.model_args
-        role = self.stage_role
-        if self.tok_embeddings is not None:
-            (tokens,) = inputs
-            check_token_ids(tokens, self.vocab_size)
-            h = self.tok_embeddings(tokens)
-            streams = h.unsqueeze(2).expand(-1, -1, self.hc_mult, -1).contiguous()
-            # pipelined with MTP: the embeddings of the tokens k ahead, for the depths on the last stage
-            aheads = [self.tok_embeddings(shifted(tokens, k)) for k in range(1, role.mtp_aheads + 1)]
-        else:  # a later pipeline stage: the mHC streams, the token ids, and (for MTP) the embeddings ahead
-            streams, tokens, *aheads = inputs
-        packed = args.attn_mask_type == "block_causal"
         shard = self.sequence_shard(tokens, positions)
         if shard is not None:
             docs = shard.local_docs()
         else:
-            docs = Documents.from_tokens(tokens, args.eos_id) if packed else None
+            docs = (
+                Documents.from_tokens(tokens, args.eos_id) if args.attn_mask_type == "block_causal" else None
+            )
         learn_indexer = self.training and args.indexer_loss_weight > 0
         ctx = ForwardContext(
             self.rope,
@@ -204,40 +225,56 @@ class DeepSeekV4Model(ModelProtocol):
             shard=shard,
         )
         ctx.hca_synthetic_window = self.hca_needs_synthetic_window(ctx)
+        return ctx
+
+    def run_layers(
+        self, streams: torch.Tensor, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The blocks this model (part) holds: (streams out, their indexer statistics summed, or None)."""
         stats = None
         for layer in self.layers.values():
             streams, layer_stats = layer(streams, ctx)
             if layer_stats is not None:
                 stats = layer_stats if stats is None else stats + layer_stats
-        if self.lm_head is None:  # not the last pipeline stage
-            streams = self.stage_indexer_loss_to_backward(streams, stats, ctx)
-            return (streams, tokens, *aheads)
+        return streams, stats
+
+    def heads(
+        self, streams: torch.Tensor, ctx: ForwardContext, aheads: list[torch.Tensor] | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The hidden states [B, S, D] for the lm_head: the main head's, then (training with MTP) each
+        depth's; and each depth's target validity (``TrainingOutputs.mtp_valid``).
+
+        ``aheads``: the embeddings of the tokens 1, 2, ... ahead, where they were embedded elsewhere (a
+        pipeline's first stage holds the embedding); by default this model embeds them.
+        """
         hidden = [self.norm(self.hc_head(streams).to(streams.dtype))]
         mtp_valid = []
-        if self.training and self.mtp is not None and self.mtp.trains:
-            for k, depth in enumerate(self.mtp.layers.values(), start=1):
-                if aheads:  # pipelined: the first stage embedded them
-                    ahead_embedded = aheads[k - 1]
-                else:
-                    ahead_embedded = self.tok_embeddings(
-                        shifted(tokens, k) if shard is None else shard.ahead(k)
-                    )
-                streams, h_k = depth(streams, ahead_embedded, ctx)
-                hidden.append(h_k)
-                eos_id = args.eos_id if docs is not None else None
-                if shard is None:
-                    mtp_valid.append(mtp_targets_in_document(tokens, k, eos_id))
-                else:  # by the global tokens, at the local positions: [B, S_local]
-                    valid = F.pad(mtp_targets_in_document(shard.tokens, k, eos_id), (0, k), value=False)
-                    mtp_valid.append(shard.local(valid))
-        if len(hidden) == 1 and stats is None and not (role.pipelined and self.training):
-            return self.lm_head(hidden[0])
-        joined = self.lm_head(torch.cat(hidden, dim=1))  # one call for all heads
-        # A pipeline stage returns the joined logits and the loss splits them: no view may leave a stage
-        # (zero-bubble schedules detach a stage's outputs in place).
-        logits = [joined] if role.pipelined else joined.split(tokens.shape[1], dim=1)
-        outputs = TrainingOutputs(
-            mtp_logits=list(logits[1:]),
+        if not (self.training and self.mtp is not None and self.mtp.trains):
+            return hidden, mtp_valid
+        tokens, shard = ctx.tokens, ctx.shard
+        eos_id = self.model_args.eos_id if ctx.docs is not None else None
+        for k, depth in enumerate(self.mtp.layers.values(), start=1):
+            ahead = aheads[k - 1] if aheads else self.embed_ahead(tokens, k, shard)
+            streams, h_k = depth(streams, ahead, ctx)
+            hidden.append(h_k)
+            if shard is None:
+                mtp_valid.append(mtp_targets_in_document(tokens, k, eos_id))
+            else:  # by the global tokens, at the local positions: [B, S_local]
+                valid = F.pad(mtp_targets_in_document(shard.tokens, k, eos_id), (0, k), value=False)
+                mtp_valid.append(shard.local(valid))
+        return hidden, mtp_valid
+
+    def training_outputs(
+        self,
+        mtp_logits: list[torch.Tensor],
+        mtp_valid: list[torch.Tensor],
+        stats: torch.Tensor | None,
+        ctx: ForwardContext,
+    ) -> TrainingOutputs:
+        """What the loss needs beside the main logits (in evaluation: no MTP logits, no statistics)."""
+        args = self.model_args
+        return TrainingOutputs(
+            mtp_logits=mtp_logits,
             mtp_valid=mtp_valid,
             mtp_loss_weight=args.mtp_loss_weight,
             indexer_stats=stats,
@@ -245,29 +282,8 @@ class DeepSeekV4Model(ModelProtocol):
             n_csa_layers=self.n_csa_layers,
             metrics=self.step_metrics,
             indexer_warmup=ctx.indexer_dense,
-            shard=shard,
-            pipelined=role.pipelined,
-            joined_heads=len(hidden) if role.pipelined else 1,
+            shard=ctx.shard,
         )
-        if role.pipelined:  # the schedule passes tensors only: the loss takes these from the shared step
-            role.step.outputs.append(outputs)
-            return logits[0]
-        return logits[0], outputs
-
-    def stage_indexer_loss_to_backward(
-        self, streams: torch.Tensor, stats: torch.Tensor | None, ctx: ForwardContext
-    ) -> torch.Tensor:
-        """A stage before the last: its CSA layers' indexer statistics go to the step's metrics, and their
-        KL term joins backward through the stage's output (the loss on the last stage cannot reach it)."""
-        if stats is None:
-            return streams
-        for name, value in zip(INDEXER_STATS, stats):
-            self.step_metrics.add(f"indexer_{name}", value)
-        args = self.model_args
-        if not (self.training and args.indexer_loss_weight > 0):
-            return streams
-        kl = args.indexer_loss_weight * stats[0] / max(1, self.n_csa_layers)
-        return attach_to_backward(streams, kl / self.stage_role.step.tokens)
 
     def sequence_shard(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> SequenceShard | None:
         """This rank's chunks of the global sequence under context parallelism, else None."""

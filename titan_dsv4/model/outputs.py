@@ -1,4 +1,4 @@
-"""What a training forward returns beside the logits (``TrainingOutputs``, for the loss), the step's extra
+"""What every forward returns beside the logits (``TrainingOutputs``, for the loss), the step's extra
 figures (``StepMetrics``, for the metrics processor), and the multi-token-prediction targets they hold."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from .sequence_shard import SequenceShard
 
 @dataclass
 class TrainingOutputs:
-    """What a training forward returns beside the logits, for the loss and the step's metrics."""
+    """What every forward returns beside the logits, for the loss and the step's metrics (in evaluation: no
+    MTP logits and no indexer statistics, so the loss is the cross-entropy alone)."""
 
     mtp_logits: list[torch.Tensor]  # depth k (1-based) predicts the token k+1 positions ahead: [B, S, V]
     mtp_valid: list[torch.Tensor]  # [B, S - k] bool: the target exists and is in the query's document
@@ -24,8 +25,9 @@ class TrainingOutputs:
     indexer_warmup: bool = False  # the dense warm-up: only the indexer learns (the LM loss trains nothing)
     # context parallelism: MTP targets labels[t+k] may live on another shard (mtp_valid is then [B, S])
     shard: SequenceShard | None = None
-    pipelined: bool = False  # a pipeline's last stage: the loss must keep a graph back to the stage's input
-    joined_heads: int = 1  # pipelined: the logits hold this many heads along the sequence (main, then MTP)
+    # set by a pipeline's last stage (infra/pipeline_stage.py), not the model: the loss must keep a graph
+    # back to the stage's input
+    pipelined: bool = False
 
 
 class StepMetrics:

@@ -36,7 +36,7 @@ Bubble (idle fraction of a step; F, B and W of equal time for the zero-bubble sc
 
 Between stages, per microbatch of b rows of S tokens: forward the mHC streams [b, S, hc_mult, dim] in the
 compute dtype and the token ids [b, S] (int64), and, when MTP trains, the embeddings [b, S + mtp, dim];
-backward the gradients of the streams and embeddings (``model/pipeline_stage.py``). Adjacent stages on the
+backward the gradients of the streams and embeddings (``infra/pipeline_stage.py``). Adjacent stages on the
 same rank (V schedules) exchange nothing over the network (torch's ``is_next_stage_on_this_rank``).
 """
 
