@@ -134,6 +134,17 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, 1), acc
 
     @triton.jit
+    def _entry_bounds(ELO, EHI, b, t, sw_b, n_picks, MODE: tl.constexpr):
+        """Query t's entry bounds: its picks' slots (MODE 2), or its range of entries."""
+        if MODE == 2:
+            lo = 0
+            hi = n_picks
+        else:
+            lo = tl.load(ELO + b * sw_b + t)
+            hi = tl.load(EHI + b * sw_b + t)
+        return lo, hi
+
+    @triton.jit
     def _entry_rows(E_IDX, E_MASK, b, t, se_b, se_s, sm_b, sm_s, sm_t, start, lo, hi,
                     BN: tl.constexpr, MODE: tl.constexpr):  # fmt: skip
         """Entry indices and validity of one block: a range [lo, hi) (masked by ``seen``) or picks."""
@@ -175,12 +186,7 @@ if triton is not None:
                                       m_i, l_i, acc, scale, D, DC)  # fmt: skip
         if HAS_ENT:
             e_base = E + b * ske_b
-            if MODE == 2:
-                lo = 0
-                hi = n_picks
-            else:
-                lo = tl.load(ELO + b * sw_b + t)
-                hi = tl.load(EHI + b * sw_b + t)
+            lo, hi = _entry_bounds(ELO, EHI, b, t, sw_b, n_picks, MODE)
             for start in range(lo, hi, BN):
                 rows, ok = _entry_rows(E_IDX, E_MASK, b, t, se_b, se_s, sm_b, sm_s, sm_t, start, lo, hi,
                                        BN, MODE)  # fmt: skip
@@ -247,12 +253,7 @@ if triton is not None:
         if HAS_ENT:
             e_base = E + b * ske_b
             de_base = DE + b * ske_b
-            if MODE == 2:
-                lo = 0
-                hi = n_picks
-            else:
-                lo = tl.load(ELO + b * sw_b + t)
-                hi = tl.load(EHI + b * sw_b + t)
+            lo, hi = _entry_bounds(ELO, EHI, b, t, sw_b, n_picks, MODE)
             for start in range(lo, hi, BN):
                 rows, ok = _entry_rows(E_IDX, E_MASK, b, t, se_b, se_s, sm_b, sm_s, sm_t, start, lo, hi,
                                        BN, MODE)  # fmt: skip
@@ -344,12 +345,7 @@ if triton is not None:
         heads_ok = heads < H
         q_base = Q + b * sq_b + t * sq_s
         lse = tl.load(LSE + b * sl_b + heads * sl_h + t, mask=heads_ok, other=0.0)
-        if MODE == 2:
-            lo = 0
-            hi = n_picks
-        else:
-            lo = tl.load(ELO + b * sw_b + t)
-            hi = tl.load(EHI + b * sw_b + t)
+        lo, hi = _entry_bounds(ELO, EHI, b, t, sw_b, n_picks, MODE)
         for start in range(lo, hi, BN):
             rows, ok = _entry_rows(E_IDX, E_MASK, b, t, se_b, se_s, sm_b, sm_s, sm_t, start, lo, hi, BN, MODE)
             s = _scores(q_base, sq_h, E + b * ske_b, ske_n, rows, ok, heads, heads_ok, D, DC)
