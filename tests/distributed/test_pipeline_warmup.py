@@ -40,11 +40,9 @@ def _args(ratios):
 
 
 def _global_batch(dp: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randint(2, 2048, (dp * LOCAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(3))
-    for row in range(x.shape[0]):
-        for p in ENDS:
-            x[row, p + row] = 1
-    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    from tests.helpers.sharded import packed_global_batch
+
+    return packed_global_batch(dp * LOCAL_BATCH, SEQ, ENDS)
 
 
 def _inf_logit(module, inputs, output):

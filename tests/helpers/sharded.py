@@ -99,3 +99,12 @@ def full_grads(model) -> dict:
         canonical_name(n): (None if p.grad is None else p.grad.full_tensor())
         for n, p in model.named_parameters()
     }
+
+
+def packed_global_batch(rows: int, seq: int, ends: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) [rows, seq]: random ids with an eos (1) at ``ends`` shifted by the row (documents)."""
+    x = torch.randint(2, 2048, (rows, seq + 1), generator=torch.Generator().manual_seed(3))
+    for row in range(rows):
+        for p in ends:
+            x[row, p + row] = 1
+    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
